@@ -1,0 +1,182 @@
+"""Multi-scale residual bitwise quantizer (DESIGN §3.1), one latent frame at a time.
+
+The encode path, the teacher-forcing input path and the inference input path all go through the same two
+functions, `add_scale` (accumulate one scale's code into the full-resolution reconstruction) and `next_input`
+(what the transformer sees before predicting a scale), so they cannot drift apart (the VAR pattern).
+
+Per scale k with side s_k:   r_k = down(residual, s_k);  u = r_k / ||r_k||;  bits = u > 0;
+                             code = g_k (2 bits - 1) / sqrt(d);  residual -= up(code)
+*decision*: g_k is a learned positive per-scale gain (initialised g_0 * decay^k). With g_k = 1 at every scale a
+fine scale would add as much energy as the coarse one and a prefix of scales could reconstruct worse than a
+shorter prefix; the gains are part of the decoder, so tokens stay pure bits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.validation import check, check_choice
+
+DOWN_MODES = ("area", "bilinear", "bicubic", "nearest")
+UP_MODES = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass
+class QuantizerConfig:
+    scales: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # square sides (rows), coarse -> fine
+    scales_w: list[int] | None = None  # per-axis columns for non-square grids; None = square (same as scales)
+    down: str = "area"
+    up: str = "bilinear"
+    gain_init: float = 1.0  # gain of the coarsest scale's code
+    gain_decay: float = 0.7  # initial gain ratio between consecutive scales (gains are learned)
+    entropy_temperature: float = 0.2  # softness of the bit probabilities in the entropy penalty
+    entropy_batch_weight: float = 1.0  # weight of the (maximised) batch bit entropy vs per-token entropy
+
+    def __post_init__(self) -> None:
+        p = "quantizer"
+        check(len(self.scales) >= 1, f"{p}.scales", "needs at least one scale")
+        check(all(s >= 1 for s in self.scales), f"{p}.scales", f"sides must be >= 1, got {list(self.scales)}")
+        check(list(self.scales) == sorted(self.scales), f"{p}.scales", f"must be non-decreasing, got {list(self.scales)}")
+        if self.scales_w is not None:
+            check(len(self.scales_w) == len(self.scales), f"{p}.scales_w",
+                  f"must have as many entries as scales ({len(self.scales)}), got {len(self.scales_w)}")
+            check(list(self.scales_w) == sorted(self.scales_w), f"{p}.scales_w", "must be non-decreasing")
+        check_choice(f"{p}.down", self.down, DOWN_MODES)
+        check_choice(f"{p}.up", self.up, UP_MODES)
+        check(self.gain_init > 0 and self.gain_decay > 0, f"{p}.gain_init/gain_decay", "must be > 0")
+        check(self.entropy_temperature > 0, f"{p}.entropy_temperature", "must be > 0")
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        cols = self.scales if self.scales_w is None else self.scales_w
+        return [(int(h), int(w)) for h, w in zip(self.scales, cols)]
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: torch.Tensor  # (N, d, h, w): value of the reconstruction, gradient straight through to the input
+    bits: list[torch.Tensor]  # per scale (N, d, s_h, s_w) bool
+    commit_loss: torch.Tensor
+    entropy_loss: torch.Tensor
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    return F.interpolate(x, size=size, mode=mode, **kwargs)
+
+
+def _binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-6, 1 - 1e-6)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
+
+
+class MultiScaleBitwiseQuantizer(nn.Module):
+    def __init__(self, dim: int, cfg: QuantizerConfig):
+        super().__init__()
+        self.dim, self.cfg = dim, cfg
+        self.sizes = cfg.sizes
+        init = [math.log(cfg.gain_init * cfg.gain_decay**k) for k in range(len(self.sizes))]
+        self.log_gain = nn.Parameter(torch.tensor(init, dtype=torch.float32))
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.sizes)
+
+    # -- bits, codes and indices ---------------------------------------------------------------------------
+    def code(self, bits: torch.Tensor, k: int) -> torch.Tensor:
+        """Bits of scale k -> its code vectors g_k (2b - 1) / sqrt(d)."""
+        return (bits.to(self.log_gain.dtype) * 2 - 1) * (self.log_gain[k].exp() / math.sqrt(self.dim))
+
+    @staticmethod
+    def code_to_bits(code: torch.Tensor) -> torch.Tensor:
+        return code > 0
+
+    @staticmethod
+    def bits_to_index(bits: torch.Tensor) -> torch.Tensor:
+        """(N, d, ...) bool -> (N, ...) int64 token ids (bit c has weight 2^c); d <= 63."""
+        d = bits.shape[1]
+        if d > 63:
+            raise ValueError(f"bits_to_index supports d <= 63 bits per token, got {d}")
+        weights = (2 ** torch.arange(d, dtype=torch.int64, device=bits.device)).view(1, d, *([1] * (bits.dim() - 2)))
+        return (bits.to(torch.int64) * weights).sum(1)
+
+    @staticmethod
+    def index_to_bits(index: torch.Tensor, d: int) -> torch.Tensor:
+        shifts = torch.arange(d, dtype=torch.int64, device=index.device).view(1, d, *([1] * (index.dim() - 1)))
+        return (index.unsqueeze(1) >> shifts) & 1 == 1
+
+    # -- the two shared steps --------------------------------------------------------------------------------
+    def add_scale(self, acc: torch.Tensor, bits: torch.Tensor, k: int) -> torch.Tensor:
+        """acc + up(code(bits_k)): the accumulated full-resolution reconstruction after scale k."""
+        return acc + _resize(self.code(bits, k), tuple(acc.shape[-2:]), self.cfg.up)
+
+    def next_input(self, acc: torch.Tensor, k: int) -> torch.Tensor:
+        """What the transformer sees before predicting scale k: the reconstruction so far, at scale k's size."""
+        return _resize(acc, self.sizes[k], self.cfg.down)
+
+    def quantize_scale(self, residual: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bits of scale k for a full-resolution residual, and the unit-normalised down-sampled residual u."""
+        u = F.normalize(_resize(residual, self.sizes[k], self.cfg.down), dim=1)
+        return u > 0, u
+
+    # -- encode / decode / training inputs ------------------------------------------------------------------
+    def forward(self, f: torch.Tensor) -> QuantizerOutput:
+        """Quantize frames f (N, d, h, w) over all scales, with straight-through gradients and aux losses."""
+        self._check_grid(f)
+        acc = torch.zeros_like(f)
+        bits_all, entropy = [], f.new_zeros(())
+        for k in range(self.num_scales):
+            bits, u = self.quantize_scale(f - acc.detach(), k)
+            acc = self.add_scale(acc, bits, k)
+            bits_all.append(bits)
+            prob = torch.sigmoid(u * math.sqrt(self.dim) * (2.0 / self.cfg.entropy_temperature))
+            per_token = _binary_entropy(prob).mean()
+            batch = _binary_entropy(prob.mean(dim=(0, 2, 3))).mean()
+            entropy = entropy + per_token - self.cfg.entropy_batch_weight * batch
+        # commitment pulls the encoder to its codes; the second term fits the per-scale gains to the latent.
+        commit = F.mse_loss(f, acc.detach()) + F.mse_loss(acc, f.detach())
+        quantized = acc + (f - f.detach())
+        return QuantizerOutput(quantized, bits_all, commit, entropy / self.num_scales)
+
+    @torch.no_grad()
+    def encode(self, f: torch.Tensor) -> list[torch.Tensor]:
+        self._check_grid(f)
+        acc, bits_all = torch.zeros_like(f), []
+        for k in range(self.num_scales):
+            bits, _ = self.quantize_scale(f - acc, k)
+            acc = self.add_scale(acc, bits, k)
+            bits_all.append(bits)
+        return bits_all
+
+    def decode(self, bits: list[torch.Tensor], num_scales: int | None = None) -> torch.Tensor:
+        """Reconstruction from the first `num_scales` scales (default: all given)."""
+        n = len(bits) if num_scales is None else num_scales
+        if not 1 <= n <= min(len(bits), self.num_scales):
+            raise ValueError(f"num_scales must be in 1..{min(len(bits), self.num_scales)}, got {n}")
+        b = bits[0]
+        acc = torch.zeros(b.shape[0], self.dim, *self.sizes[-1], dtype=self.log_gain.dtype, device=b.device)
+        for k in range(n):
+            acc = self.add_scale(acc, bits[k], k)
+        return acc
+
+    def teacher_forcing_inputs(self, bits: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Inputs for scales 1..K-1: next_input(reconstruction from scales < k, k); training mirror of sampling."""
+        b = bits[0]
+        acc = torch.zeros(b.shape[0], self.dim, *self.sizes[-1], dtype=self.log_gain.dtype, device=b.device)
+        inputs = []
+        for k in range(self.num_scales - 1):
+            acc = self.add_scale(acc, bits[k], k)
+            inputs.append(self.next_input(acc, k + 1))
+        return inputs
+
+    def _check_grid(self, f: torch.Tensor) -> None:
+        if tuple(f.shape[-2:]) != self.sizes[-1] or f.shape[1] != self.dim:
+            raise ValueError(f"quantizer expects (N, {self.dim}, {self.sizes[-1][0]}, {self.sizes[-1][1]}) latents "
+                             f"(the last scale is the latent grid), got {tuple(f.shape)}")

@@ -1,0 +1,175 @@
+"""The one config system: typed dataclasses <- YAML preset <- `key.sub=value` CLI overrides (OmegaConf).
+
+Every entry point builds its parser with `config_arg_parser` and gets a validated `Config` from
+`config_from_args`; the resolved config is written into the run directory with `save_config`. Each section
+validates itself in `__post_init__`; `Config.__post_init__` checks what spans sections (e.g. resolution vs
+latent grid). Errors are `ConfigError`s naming the dotted field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline.storage import atomic_write_text
+from models.quantizer import QuantizerConfig
+from models.tokenizer import TokenizerConfig
+from models.validation import ConfigError, check, check_choice
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/demo"  # everything a run writes goes under here
+    seed: int = 0
+    device: str = "cpu"  # "cpu" or "cuda"
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        check_choice("run.device", self.device, ("cpu", "cuda"))
+        check(self.threads >= 0, "run.threads", f"must be >= 0, got {self.threads}")
+
+
+@dataclass
+class DataConfig:
+    clips_dir: str = "runs/demo/clips"  # a folder of .mp4 clips (+ optional .json/.txt captions)
+    synth_clips: int = 24  # the demo generates this many synthetic clips into clips_dir when it is empty
+    synth_frames: int = 33  # length of each generated clip
+    frames: int = 9  # frames per training clip: 1 + k * tokenizer.temporal_compression
+    resolution: list[int] = field(default_factory=lambda: [64, 64])  # [height, width] after resize + center crop
+    fps: float = 8.0
+    heldout_clips: int = 2  # the last N clips (sorted by name) are held out for evaluation
+
+    def __post_init__(self) -> None:
+        check(len(self.resolution) == 2 and all(r >= 8 for r in self.resolution), "data.resolution",
+              f"must be [height, width] with both >= 8, got {list(self.resolution)}")
+        check(self.frames >= 1, "data.frames", f"must be >= 1, got {self.frames}")
+        check(self.synth_frames >= self.frames, "data.synth_frames",
+              f"must be >= data.frames ({self.frames}), got {self.synth_frames}")
+        check(self.heldout_clips >= 1, "data.heldout_clips", f"must be >= 1, got {self.heldout_clips}")
+        check(self.fps > 0, "data.fps", f"must be > 0, got {self.fps}")
+
+
+@dataclass
+class TokenizerTrainConfig:
+    steps: int = 150
+    batch_size: int = 4
+    lr: float = 2e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    commit_weight: float = 0.25
+    entropy_weight: float = 0.01
+    log_every: int = 10
+    eval_every: int = 50
+    ckpt_every: int = 50
+
+    def __post_init__(self) -> None:
+        p = "tokenizer_train"
+        for name in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every"):
+            check(getattr(self, name) >= 1, f"{p}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas",
+              f"must be two numbers in [0, 1), got {list(self.betas)}")
+        check(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0 (0 disables)")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+
+    def __post_init__(self) -> None:
+        f, tau = self.tokenizer.spatial_compression, self.tokenizer.temporal_compression
+        h, w = self.data.resolution
+        check(h % f == 0 and w % f == 0, "data.resolution",
+              f"{h}x{w} must be divisible by tokenizer.spatial_compression={f}")
+        grid = (h // f, w // f)
+        check(self.quantizer.sizes[-1] == grid, "quantizer.scales",
+              f"the last scale must equal the latent grid {grid[0]}x{grid[1]} (resolution {h}x{w} / f={f}), "
+              f"got {self.quantizer.sizes[-1][0]}x{self.quantizer.sizes[-1][1]}")
+        check((self.data.frames - 1) % tau == 0, "data.frames",
+              f"must be 1 + k * tokenizer.temporal_compression ({tau}), got {self.data.frames}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- overrides (`key.sub=value`), validated into a `Config`."""
+    try:
+        layers = [OmegaConf.structured(Config)]
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            layers.append(OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {reason}" + (f" (in {path})" if path else "")) from None
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with `config_to_dict` (e.g. from a checkpoint's JSON), validated."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{getattr(e, 'full_key', None) or 'config'}: {str(e).splitlines()[0]}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (or JSON for a .json path), atomically."""
+    path = Path(path)
+    if path.suffix == ".json":
+        atomic_write_text(path, json.dumps(config_to_dict(cfg), indent=2, sort_keys=True))
+    else:
+        atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def config_arg_parser(description: str, default_config: str | None = "configs/demo.yaml") -> argparse.ArgumentParser:
+    """An argparse parser with `--config FILE` and trailing `key.sub=value` overrides, documented in --help."""
+    keys = "\n".join(f"  {k}" for k in _leaf_keys(OmegaConf.to_container(OmegaConf.structured(Config))))
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Overrides are OmegaConf dotlist entries, e.g. tokenizer_train.steps=20 data.resolution=[32,32].\n"
+               f"Config keys (see trainer/config.py for meanings and defaults):\n{keys}")
+    parser.add_argument("--config", default=default_config, help=f"YAML preset (default: {default_config})")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def _leaf_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={v}")
+    return out
