@@ -64,7 +64,7 @@ def sample_clip(rng: np.random.Generator, height: int, width: int) -> dict[str, 
     background = {
         "kind": kind,
         "color": bg_color,
-        "period": round(float(rng.uniform(6, 16) * scale), 2),
+        "period": round(max(6.0, float(rng.uniform(8, 16) * scale)), 2),  # >= 6 px: survives 4:2:0 + H.264
         "angle": float(rng.choice([0, 45, 90, 135])),
         "scroll": [0.5 * scale * d for d in scroll_dir] if scrolls else [0.0, 0.0],
     }
@@ -108,7 +108,7 @@ def _background(bg: dict[str, Any], t: int, yy: np.ndarray, xx: np.ndarray) -> n
     if bg["kind"] == "stripes":
         level = np.clip(0.5 + 2.0 * np.sin(2 * np.pi * u / period), 0, 1)
     elif bg["kind"] == "checkerboard":
-        level = ((np.floor(x / period) + np.floor(y / period)) % 2).astype(np.float32)
+        level = np.clip(0.5 + 2.0 * np.sin(np.pi * x / period) * np.sin(np.pi * y / period), 0, 1)  # soft edges
     else:  # gradient: triangle wave so scrolling stays continuous
         phase = (u / (4 * period)) % 2
         level = np.where(phase < 1, phase, 2 - phase)
@@ -171,7 +171,7 @@ def generate_clips(
     overwrite: bool = False,
 ) -> list[ClipSpec]:
     """Write clip-XXXXX.mp4 + .json pairs; pairs that already exist with the same settings are kept (resumable)."""
-    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    height, width = (int(size), int(size)) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
     if height % 2 or width % 2 or min(height, width) < 8:
         raise ValueError(f"size must be even and >= 8, got {height}x{width}")
     if frames < 1 or num_clips < 0:

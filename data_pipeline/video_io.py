@@ -64,7 +64,10 @@ def _open_video(path: str) -> Iterator[tuple[av.container.InputContainer, av.Vid
 
 
 def _describe(exc: BaseException) -> str:
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    """FFmpeg's reason; the detailed log line (e.g. 'moov atom not found') only exists if av.logging is enabled."""
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    detail = getattr(exc, "log", None)
+    return f"{text}: {detail[2].strip()}" if detail and len(detail) > 2 and detail[2] else text
 
 
 def _stream_fps(stream: av.VideoStream) -> float:
@@ -86,20 +89,13 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             duration = container.duration / av.time_base
         else:
             duration = num_frames / fps if fps else 0.0
-        return VideoInfo(
-            path=path,
-            width=stream.codec_context.width,
-            height=stream.codec_context.height,
-            fps=fps,
-            num_frames=num_frames,
-            duration=duration,
-            has_audio=bool(container.streams.audio),
-        )
+        return VideoInfo(path, stream.codec_context.width, stream.codec_context.height, fps, num_frames, duration,
+                         has_audio=bool(container.streams.audio))
 
 
 def _target_geometry(src_h: int, src_w: int, size: int | tuple[int, int]) -> tuple[int, int, int, int]:
     """(resized_h, resized_w, crop_h, crop_w): scale to cover the crop box, keeping the aspect ratio."""
-    crop_h, crop_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    crop_h, crop_w = (int(size), int(size)) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
     if crop_h <= 0 or crop_w <= 0:
         raise ValueError(f"size must be positive, got {size!r}")
     scale = max(crop_h / src_h, crop_w / src_w)
@@ -128,11 +124,15 @@ def _decode_sequential(container, stream, start: int, stop: int | None) -> tuple
 
 
 def _decode_seeking(container, stream, start: int, stop: int | None) -> tuple[list[av.VideoFrame], int] | None:
-    """Frames [start, stop) after a keyframe seek, indexed by pts; None when pts cannot be trusted."""
+    """Frames [start, stop) after a keyframe seek, indexed by pts; None when pts cannot be trusted.
+
+    Frame 0's pts comes from decoding it (not stream.start_time, which edit lists and some muxers skew).
+    """
     fps, time_base = _stream_fps(stream), stream.time_base
-    start_pts = stream.start_time
-    if not fps or time_base is None or start_pts is None:
+    first = next(iter(container.decode(stream)), None)
+    if not fps or time_base is None or first is None or first.pts is None:
         return None
+    start_pts = first.pts
     target_pts = start_pts + int(Fraction(start) / Fraction(fps) / time_base)
     container.seek(target_pts, stream=stream, backward=True, any_frame=False)
     frames, expected = [], None
@@ -150,15 +150,11 @@ def _decode_seeking(container, stream, start: int, stop: int | None) -> tuple[li
             frames.append(frame)
         if stop is not None and index + 1 >= stop:
             break
-    return frames, last_index + 1
+    return (frames, last_index + 1) if expected is not None else None
 
 
-def read_video(
-    path: str | os.PathLike,
-    start: int = 0,
-    num_frames: int | None = None,
-    size: int | tuple[int, int] | None = None,
-) -> np.ndarray:
+def read_video(path: str | os.PathLike, start: int = 0, num_frames: int | None = None,
+               size: int | tuple[int, int] | None = None) -> np.ndarray:
     """Decode frames [start, start+num_frames) as uint8 (T, H, W, 3) RGB; all frames from start if num_frames is None.
 
     `size=S` resizes the shorter side to S and center-crops S x S; `size=(H, W)` resizes to cover and crops to H x W.
@@ -233,12 +229,8 @@ def write_video(path: str | os.PathLike, frames, fps: float = 8, crf: int = 18) 
     _write_video(path, frames, fps, crf)
 
 
-def write_contact_sheet(
-    path: str | os.PathLike,
-    rows: Sequence[np.ndarray] | np.ndarray,
-    max_frames: int = 8,
-    labels: Sequence[str] | None = None,
-) -> None:
+def write_contact_sheet(path: str | os.PathLike, rows: Sequence[np.ndarray] | np.ndarray, max_frames: int = 8,
+                        labels: Sequence[str] | None = None) -> None:
     """PNG grid, one clip per row with up to `max_frames` evenly spaced frames, for eyeballing data and samples.
 
     Layout: 2 px gaps around every cell; label column (if any) on the left; cells sized to the largest frame.
@@ -256,9 +248,7 @@ def write_contact_sheet(
     cell_w = max(c.shape[2] for c in clips)
     ncols = min(max_frames, max(c.shape[0] for c in clips))
     font = ImageFont.load_default()
-    label_w = 0
-    if labels:
-        label_w = max(int(font.getbbox(str(text))[2]) for text in labels) + 2 * gap
+    label_w = max(int(font.getbbox(str(text))[2]) for text in labels) + 2 * gap if labels else 0
     sheet = Image.new("RGB", (label_w + ncols * (cell_w + gap) + gap, len(clips) * (cell_h + gap) + gap), "white")
     draw = ImageDraw.Draw(sheet)
     for row, clip in enumerate(clips):

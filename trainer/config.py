@@ -161,8 +161,14 @@ def config_arg_parser(description: str, default_config: str | None = "configs/de
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> Config:
+    """The validated config; with `parser`, a bad value exits with status 2 and the error instead of a traceback."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        if parser is None:
+            raise
+        parser.error(str(e))
 
 
 def _leaf_keys(d: dict[str, Any], prefix: str = "") -> list[str]:

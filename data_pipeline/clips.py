@@ -1,0 +1,75 @@
+"""A folder of clips decoded into memory, and random training windows over it.
+
+This is the small, local data path used by tokenizer training and the demo; the sharded streaming loader over
+pre-tokenized WebDataset shards replaces it for pretraining at scale.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_pipeline.video_io import read_video
+
+
+@dataclass
+class Clip:
+    path: Path
+    frames: np.ndarray  # uint8 (T, H, W, 3)
+    caption: str
+
+
+def read_caption(video_path: Path) -> str:
+    """Caption from a `.json` sidecar ("caption" field) or a `.txt` sidecar; empty if there is none."""
+    meta, txt = video_path.with_suffix(".json"), video_path.with_suffix(".txt")
+    if meta.is_file():
+        try:
+            return str(json.loads(meta.read_text())["caption"])
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{meta}: caption sidecar is not JSON with a 'caption' field ({e})") from None
+    return txt.read_text().strip() if txt.is_file() else ""
+
+
+def load_clip_folder(folder: str | Path, resolution: tuple[int, int], min_frames: int,
+                     progress: bool = True) -> list[Clip]:
+    """Decode every .mp4 in `folder` (sorted by name) at `resolution` (resize + center crop)."""
+    folder = Path(folder)
+    paths = sorted(folder.glob("*.mp4")) if folder.is_dir() else []
+    if not paths:
+        raise FileNotFoundError(f"{folder}: no .mp4 clips found; generate demo clips with "
+                                f"`python -m data_pipeline.synth --out {folder} --clips 24`")
+    clips = []
+    for path in tqdm(paths, desc=f"decoding {folder}", unit="clip", disable=not progress):
+        frames = read_video(path, size=tuple(resolution))
+        if len(frames) < min_frames:
+            raise ValueError(f"{path}: has {len(frames)} frames, training needs at least {min_frames}")
+        clips.append(Clip(path, frames, read_caption(path)))
+    return clips
+
+
+def to_model_input(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (B, T, H, W, 3) or (T, H, W, 3) -> float (B, 3, T, H, W) in [-1, 1]."""
+    x = torch.as_tensor(frames)
+    if x.dim() == 4:
+        x = x.unsqueeze(0)
+    return x.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+
+
+def to_uint8_frames(x: torch.Tensor) -> np.ndarray:
+    """float (B, 3, T, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3)."""
+    return x.detach().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+def random_windows(clips: list[Clip], frames: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """A batch of random `frames`-long windows (random clip, random start): float (B, 3, T, H, W)."""
+    out = []
+    for _ in range(batch):
+        clip = clips[int(torch.randint(len(clips), (1,), generator=generator))]
+        start = int(torch.randint(len(clip.frames) - frames + 1, (1,), generator=generator))
+        out.append(clip.frames[start:start + frames])
+    return to_model_input(np.stack(out))
