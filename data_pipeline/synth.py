@@ -64,7 +64,7 @@ def sample_clip(rng: np.random.Generator, height: int, width: int) -> dict[str, 
     background = {
         "kind": kind,
         "color": bg_color,
-        "period": round(max(6.0, float(rng.uniform(8, 16) * scale)), 2),  # >= 6 px: survives 4:2:0 + H.264
+        "period": round(max(8.0, float(rng.uniform(16, 32) * scale)), 2),  # coarse enough for an f=8 tokenizer demo
         "angle": float(rng.choice([0, 45, 90, 135])),
         "scroll": [0.5 * scale * d for d in scroll_dir] if scrolls else [0.0, 0.0],
     }

@@ -58,9 +58,9 @@ class DataConfig:
 
 @dataclass
 class TokenizerTrainConfig:
-    steps: int = 150
+    steps: int = 200
     batch_size: int = 4
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup_steps: int = 10
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
@@ -70,8 +70,8 @@ class TokenizerTrainConfig:
     commit_weight: float = 0.25
     entropy_weight: float = 0.01
     log_every: int = 10
-    eval_every: int = 50
-    ckpt_every: int = 50
+    eval_every: int = 100
+    ckpt_every: int = 100
 
     def __post_init__(self) -> None:
         p = "tokenizer_train"
