@@ -58,6 +58,15 @@ class QuantizerConfig:
 
 
 @dataclass
+class ErrorCorrectedBits:
+    """Cross-Frame Error Correction targets for clips (DESIGN §3.6); lists hold one entry per scale."""
+    labels: list[torch.Tensor]  # (B, T, d, s_h, s_w) bool: bits of the residual against the corrupted reconstruction
+    inputs: list[torch.Tensor]  # (B, T, d, s_h, s_w) bool: the flipped bits that build the next inputs
+    ratios: torch.Tensor  # (B, T, K) flip ratio drawn per sample, frame and scale
+    recon: torch.Tensor  # (B, T, d, h, w) corrupted accumulated reconstruction of every frame
+
+
+@dataclass
 class QuantizerOutput:
     quantized: torch.Tensor  # (N, d, h, w): value of the reconstruction, gradient straight through to the input
     bits: list[torch.Tensor]  # per scale (N, d, s_h, s_w) bool
@@ -175,6 +184,45 @@ class MultiScaleBitwiseQuantizer(nn.Module):
             acc = self.add_scale(acc, bits[k], k)
             inputs.append(self.next_input(acc, k + 1))
         return inputs
+
+    @torch.no_grad()
+    def encode_with_error_correction(self, f: torch.Tensor, p_max: float, p_min: float = 0.0, delta: float = 0.01,
+                                     generator: torch.Generator | None = None) -> ErrorCorrectedBits:
+        """Cross-Frame Error Correction on clips f (B, T, d, h, w), DESIGN §3.6:
+
+            lo, hi = p_min + delta*t, p_max + delta*t
+            p = U(max(lo, p_prev_final), hi) if k == 0 and t > 0 else U(lo, hi)
+            label = bits(down(F[t] - acc, s_k)); noisy = label XOR Bernoulli(p); acc += up(code(noisy))
+
+        p_prev_final is the ratio of the previous frame's last scale (which is corrupted too). With p_max = p_min
+        = delta = 0 this is exactly `encode` (plain teacher forcing).
+        """
+        if not 0.0 <= p_min <= p_max <= 1.0 or delta < 0:
+            raise ValueError(f"flip ratios need 0 <= p_min <= p_max <= 1 and delta >= 0, "
+                             f"got p_min={p_min}, p_max={p_max}, delta={delta}")
+        b, t_frames = f.shape[:2]
+        self._check_grid(f[:, 0])
+        K = self.num_scales
+        ratios = torch.zeros(b, t_frames, K, dtype=torch.float64)
+        labels = [f.new_zeros(b, t_frames, self.dim, *s, dtype=torch.bool) for s in self.sizes]
+        inputs = [torch.zeros_like(x) for x in labels]
+        recon = torch.zeros_like(f)
+        p_prev = torch.zeros(b, dtype=torch.float64)
+        for t in range(t_frames):
+            lo, hi = min(1.0, p_min + delta * t), min(1.0, p_max + delta * t)
+            acc = torch.zeros_like(f[:, t])
+            for k in range(K):
+                floor = torch.maximum(torch.full_like(p_prev, lo), p_prev) if (k == 0 and t > 0) else \
+                    torch.full_like(p_prev, lo)
+                p = floor + (hi - floor) * torch.rand(b, generator=generator, dtype=torch.float64)
+                label, _ = self.quantize_scale(f[:, t] - acc, k)
+                u = torch.rand(label.shape, generator=generator, dtype=torch.float64)
+                noisy = label ^ (u < p.view(b, 1, 1, 1))
+                acc = self.add_scale(acc, noisy, k)
+                labels[k][:, t], inputs[k][:, t], ratios[:, t, k] = label, noisy, p
+            p_prev = ratios[:, t, K - 1]
+            recon[:, t] = acc
+        return ErrorCorrectedBits(labels, inputs, ratios, recon)
 
     def _check_grid(self, f: torch.Tensor) -> None:
         if tuple(f.shape[-2:]) != self.sizes[-1] or f.shape[1] != self.dim:
