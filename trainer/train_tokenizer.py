@@ -101,7 +101,9 @@ def train_tokenizer(cfg: Config, progress: bool = True) -> TokenizerRun:
     psnr_start = heldout_psnr(model, x_eval)
     metrics.log({"step": 0, "heldout_psnr": psnr_start})
     log.info("held-out PSNR at step 0: %.2f dB", psnr_start)
-    bar = tqdm(range(1, t.steps + 1), desc="tokenizer", unit="step", disable=not progress)
+    # in a log file (not a terminal) redraw rarely, so logs stay readable
+    bar = tqdm(range(1, t.steps + 1), desc="tokenizer", unit="step", disable=not progress,
+               mininterval=0.5 if sys.stderr.isatty() else 20.0)
     for step in bar:
         x = random_windows(train_clips, d.frames, t.batch_size, gen).to(cfg.run.device)
         loss, parts = tokenizer_loss(model(x), x, t)
