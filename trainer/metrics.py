@@ -18,12 +18,13 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class JsonlLogger:
-    """Appends one JSON object per line (with wall time), flushed so dashboards can tail it."""
+    """One JSON object per line (with wall time), flushed so dashboards can tail it. `append=False` starts the
+    file afresh (a new run); a resumed run appends."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, append: bool = True):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = self.path.open("a", encoding="utf-8")
+        self._f = self.path.open("a" if append else "w", encoding="utf-8")
 
     def log(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")

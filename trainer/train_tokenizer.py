@@ -96,7 +96,7 @@ def train_tokenizer(cfg: Config, progress: bool = True) -> TokenizerRun:
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, t.warmup_steps, t.steps))
     gen = torch.Generator().manual_seed(cfg.run.seed + 1)
-    metrics = JsonlLogger(out_dir / "metrics.jsonl")
+    metrics = JsonlLogger(out_dir / "metrics.jsonl", append=False)  # no resume yet: a rerun starts afresh
 
     psnr_start = heldout_psnr(model, x_eval)
     metrics.log({"step": 0, "heldout_psnr": psnr_start})
