@@ -61,7 +61,7 @@ def test_round_trip_shape_dtype_and_error(tmp_path):
 
 
 def test_write_accepts_torch_and_overwrites_atomically(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch  # a pinned dependency: never skipped
     path = tmp_path / "clip.mp4"
     write_video(path, np.zeros((3, 16, 16, 3), np.uint8))
     write_video(path, torch.from_numpy(_smooth_clip(5, 16, 16)))
