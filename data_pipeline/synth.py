@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.video_io import _atomic_target, write_video
+from data_pipeline.storage import atomic_write_text
+from data_pipeline.video_io import write_video
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +189,7 @@ def generate_clips(
             scene = sample_clip(np.random.default_rng([seed, index]), height, width)
             meta = {"caption": caption_for(scene), **expected, **scene}
             write_video(mp4, render_clip(scene, frames, height, width), fps=fps)
-            with _atomic_target(meta_path) as tmp:  # sidecar last: it marks the pair as complete
-                tmp.write_text(json.dumps(meta, indent=1) + "\n")
+            atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")  # sidecar last: marks the pair complete
         specs.append(ClipSpec(mp4, meta_path, meta["caption"], frames, height, width, float(fps), seed, index))
     return specs
 

@@ -17,6 +17,8 @@ from typing import Iterator, Sequence
 import av
 import numpy as np
 
+from data_pipeline.storage import atomic_path
+
 log = logging.getLogger(__name__)
 
 _AV_ERRORS = (av.error.FFmpegError, OSError, EOFError)
@@ -187,23 +189,6 @@ def _as_uint8_frames(path: str, frames) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _temp_path(path: Path) -> Path:
-    """Same directory (so os.replace is atomic) and same suffix (so format auto-detection still works)."""
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-
-
-@contextlib.contextmanager
-def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(final)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_video(path, frames, fps: float, crf: int, codec_options: dict[str, str] | None = None) -> None:
     path = str(path)
     array = _as_uint8_frames(path, frames)
@@ -211,11 +196,12 @@ def _write_video(path, frames, fps: float, crf: int, codec_options: dict[str, st
     if height % 2 or width % 2:
         raise ValueError(f"{path}: H.264/yuv420p needs even height and width, got {height}x{width}")
     rate = Fraction(fps).limit_denominator(100_000)
-    with _atomic_target(path) as tmp:
+    with atomic_path(path) as tmp:
         with av.open(str(tmp), mode="w") as container:
             stream = container.add_stream("libx264", rate=rate)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf), **(codec_options or {})}
+            # one x264 thread: the same frames always give the same bytes (seen once to differ under load)
+            stream.options = {"crf": str(crf), "threads": "1", **(codec_options or {})}
             for index, rgb in enumerate(array):
                 frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
                 frame.pts = index
@@ -258,5 +244,5 @@ def write_contact_sheet(path: str | os.PathLike, rows: Sequence[np.ndarray] | np
         picks = np.linspace(0, len(clip) - 1, min(ncols, len(clip))).round().astype(int)
         for col, index in enumerate(picks):
             sheet.paste(Image.fromarray(clip[index]), (label_w + gap + col * (cell_w + gap), y))
-    with _atomic_target(path) as tmp:
+    with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")

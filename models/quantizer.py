@@ -169,17 +169,14 @@ class MultiScaleBitwiseQuantizer(nn.Module):
         n = len(bits) if num_scales is None else num_scales
         if not 1 <= n <= min(len(bits), self.num_scales):
             raise ValueError(f"num_scales must be in 1..{min(len(bits), self.num_scales)}, got {n}")
-        b = bits[0]
-        acc = torch.zeros(b.shape[0], self.dim, *self.sizes[-1], dtype=self.log_gain.dtype, device=b.device)
+        acc = self._empty_recon(bits)
         for k in range(n):
             acc = self.add_scale(acc, bits[k], k)
         return acc
 
     def teacher_forcing_inputs(self, bits: list[torch.Tensor]) -> list[torch.Tensor]:
         """Inputs for scales 1..K-1: next_input(reconstruction from scales < k, k); training mirror of sampling."""
-        b = bits[0]
-        acc = torch.zeros(b.shape[0], self.dim, *self.sizes[-1], dtype=self.log_gain.dtype, device=b.device)
-        inputs = []
+        acc, inputs = self._empty_recon(bits), []
         for k in range(self.num_scales - 1):
             acc = self.add_scale(acc, bits[k], k)
             inputs.append(self.next_input(acc, k + 1))
@@ -223,6 +220,10 @@ class MultiScaleBitwiseQuantizer(nn.Module):
             p_prev = ratios[:, t, K - 1]
             recon[:, t] = acc
         return ErrorCorrectedBits(labels, inputs, ratios, recon)
+
+    def _empty_recon(self, bits: list[torch.Tensor]) -> torch.Tensor:
+        b = bits[0]
+        return torch.zeros(b.shape[0], self.dim, *self.sizes[-1], dtype=self.log_gain.dtype, device=b.device)
 
     def _check_grid(self, f: torch.Tensor) -> None:
         if tuple(f.shape[-2:]) != self.sizes[-1] or f.shape[1] != self.dim:

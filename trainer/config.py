@@ -108,23 +108,28 @@ class Config:
         return Path(self.run.dir)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- overrides (`key.sub=value`), validated into a `Config`."""
+def _build(layers: list[Any], source: str | Path | None = None) -> Config:
+    """Merge OmegaConf layers into a validated Config; OmegaConf's errors become ConfigErrors naming the key."""
     try:
-        layers = [OmegaConf.structured(Config)]
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            layers.append(OmegaConf.load(path))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(OmegaConf.merge(*layers))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), *layers))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "config"
-        reason = str(e).splitlines()[0]
-        raise ConfigError(f"{key}: {reason}" + (f" (in {path})" if path else "")) from None
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}" + (f" (in {source})" if source else "")) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- overrides (`key.sub=value`), validated into a `Config`."""
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+    try:
+        file_layer = [OmegaConf.load(path)] if path is not None else []
+        override_layer = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path or 'overrides'}: {str(e).splitlines()[0]}") from None
+    return _build(file_layer + [override_layer], path)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -133,10 +138,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def config_from_dict(d: dict[str, Any]) -> Config:
     """Rebuild a Config saved with `config_to_dict` (e.g. from a checkpoint's JSON), validated."""
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d)))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{getattr(e, 'full_key', None) or 'config'}: {str(e).splitlines()[0]}") from None
+    return _build([OmegaConf.create(d)])
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
