@@ -98,6 +98,17 @@ class MultiScaleBitwiseQuantizer(nn.Module):
     def num_scales(self) -> int:
         return len(self.sizes)
 
+    def for_sizes(self, sizes: list[tuple[int, int]]) -> "MultiScaleBitwiseQuantizer":
+        """A view of this quantizer on another scale schedule (a curriculum stage's grid), sharing the learned
+        gains of the first len(sizes) scales."""
+        if not 1 <= len(sizes) <= self.num_scales:
+            raise ValueError(f"a stage may use 1..{self.num_scales} scales (the tokenizer's), got {len(sizes)}")
+        view = MultiScaleBitwiseQuantizer.__new__(MultiScaleBitwiseQuantizer)
+        nn.Module.__init__(view)
+        view.dim, view.cfg, view.sizes = self.dim, self.cfg, [tuple(map(int, s)) for s in sizes]
+        view.log_gain = self.log_gain  # shared Parameter (sliced where used by index k)
+        return view
+
     # -- bits, codes and indices ---------------------------------------------------------------------------
     def code(self, bits: torch.Tensor, k: int) -> torch.Tensor:
         """Bits of scale k -> its code vectors g_k (2b - 1) / sqrt(d)."""

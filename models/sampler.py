@@ -1,0 +1,121 @@
+"""KV-cached sampling (DESIGN §3.7): one forward per (frame, scale) block, classifier-free guidance on logits
+with a schedule over (frame, scale), temperature and top-p per bit, and continuation from given frames
+(image-to-video: the first latent frame is given).
+
+Inputs are built incrementally with the same quantizer functions as `models.sequence_inputs` uses for training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.quantizer import MultiScaleBitwiseQuantizer
+from models.sequence_inputs import block_input, tokens_to_grid
+from models.videoar import VideoAR
+from models.validation import check, check_choice
+
+CFG_SCHEDULES = ("constant", "ucf", "text")
+
+
+@dataclass
+class SamplingConfig:
+    cfg_scale: float = 3.0  # gamma for the constant schedule (1 = no guidance: no unconditional pass)
+    cfg_schedule: str = "constant"  # constant | ucf (paper's UCF-101: 1->5 over frames, then to 10) | text (5->3)
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # per bit: keep only the likelier value when its probability reaches top_p
+
+    def __post_init__(self) -> None:
+        check_choice("sample.cfg_schedule", self.cfg_schedule, CFG_SCHEDULES)
+        check(self.cfg_scale >= 0, "sample.cfg_scale", f"must be >= 0, got {self.cfg_scale}")
+        check(self.temperature >= 0, "sample.temperature", f"must be >= 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, "sample.top_p", f"must be in (0, 1], got {self.top_p}")
+
+    def guided(self) -> bool:
+        return self.cfg_schedule != "constant" or self.cfg_scale != 1.0
+
+
+def cfg_gamma(schedule: str, scale: float, t: int, k: int, num_frames: int, num_scales: int) -> float:
+    """Guidance strength for block (frame t, scale k) of num_frames x num_scales (DESIGN §3.7)."""
+    ft = t / max(1, num_frames - 1)
+    fk = k / max(1, num_scales - 1)
+    if schedule == "constant":
+        return scale
+    if schedule == "ucf":  # first scale of each frame rises 1 -> 5 across frames, then linear to 10 at the last scale
+        first = 1.0 + 4.0 * ft
+        return first + (10.0 - first) * fk
+    if schedule == "text":  # 5 -> 3 across frames and scales (over the block index)
+        i, n = t * num_scales + k, num_frames * num_scales
+        return 5.0 - 2.0 * i / max(1, n - 1)
+    raise ValueError(f"unknown cfg schedule {schedule!r}; choose from {CFG_SCHEDULES}")
+
+
+def sample_bits(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bits from logits (..., 2). Greedy at temperature 0. Top-p over a bit's two values: the likelier value alone
+    when its probability >= top_p, else both (sampled)."""
+    if temperature == 0:
+        return logits[..., 1] > logits[..., 0]
+    p1 = torch.softmax(logits.float() / temperature, dim=-1)[..., 1]
+    draw = torch.rand(p1.shape, generator=generator, device=p1.device) < p1
+    greedy = p1 > 0.5
+    confident = torch.maximum(p1, 1 - p1) >= top_p
+    return torch.where(confident, greedy, draw)
+
+
+@dataclass
+class SampleResult:
+    bits: list[torch.Tensor]  # per scale (B, T, d, h_k, w_k)
+    latent: torch.Tensor  # (B, T, d, h, w) accumulated reconstruction of every frame
+    forwards: int  # transformer forward calls made
+
+
+@torch.no_grad()
+def sample(model: VideoAR, quantizer: MultiScaleBitwiseQuantizer, cond: torch.Tensor, num_frames: int,
+           cfg: SamplingConfig, given: list[torch.Tensor] | None = None,
+           generator: torch.Generator | None = None) -> SampleResult:
+    """Sample `num_frames` latent frames for each condition in `cond` (text states or class ids).
+
+    `given`: per-scale bits [(B, T0, d, h_k, w_k)] of the first T0 latent frames (image-to-video when T0 = 1,
+    continuation otherwise); their blocks still run (to fill the KV cache) but keep the given bits.
+    """
+    sizes, K, d = quantizer.sizes, quantizer.num_scales, quantizer.dim
+    layout = model.layout_for(num_frames, sizes)
+    b = cond.shape[0]
+    given_frames = 0 if given is None else given[0].shape[1]
+    if given is not None and (len(given) != K or given_frames > num_frames or given[0].shape[0] != b):
+        raise ValueError(f"given bits must be {K} scales of (B={b}, T0<={num_frames}, {d}, h, w)")
+    guided = cfg.guided()
+    batch_cond, drop = cond, None
+    if guided:  # cond and uncond in one batch
+        batch_cond = torch.cat([cond, cond])
+        drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(cond.device)
+    cache = model.new_cache(batch_cond.shape[0], layout)
+    dtype, device = quantizer.log_gain.dtype, quantizer.log_gain.device
+    out_bits = [torch.zeros(b, num_frames, d, h, w, dtype=torch.bool, device=device) for h, w in sizes]
+    latent = torch.zeros(b, num_frames, d, *sizes[-1], dtype=dtype, device=device)
+    prev, forwards = None, 0
+    for t in range(num_frames):
+        acc = torch.zeros(b, d, *sizes[-1], dtype=dtype, device=device)
+        for k in range(K):
+            block = layout.blocks[t * K + k]
+            feats = block_input(quantizer, k, acc, prev)
+            if guided:
+                feats = torch.cat([feats, feats])
+            logits = model.forward_block(block, feats, layout, cache, cond=batch_cond, drop=drop).float()
+            forwards += 1
+            if t < given_frames:
+                bits = given[k][:, t]
+            else:
+                if guided:
+                    gamma = cfg_gamma(cfg.cfg_schedule, cfg.cfg_scale, t, k, num_frames, K)
+                    lc, lu = logits[:b], logits[b:]
+                    logits = lu + gamma * (lc - lu)
+                bits = tokens_to_grid(sample_bits(logits, cfg.temperature, cfg.top_p, generator).to(dtype),
+                                      block.height, block.width) > 0.5
+            out_bits[k][:, t] = bits
+            acc = quantizer.add_scale(acc, bits, k)
+        latent[:, t] = acc
+        prev = acc
+    return SampleResult(out_bits, latent, forwards)

