@@ -126,11 +126,9 @@ class VideoTokenizer(nn.Module):
         if x.dim() != 5 or x.shape[1] != 3:
             raise ValueError(f"expected video (B, 3, T, H, W), got {tuple(x.shape)}")
         self.latent_frames(x.shape[2])
-        f = self.cfg.spatial_compression
-        grid = tuple(s * f for s in self.qcfg.sizes[-1])
-        if tuple(x.shape[-2:]) != grid:
-            raise ValueError(f"expected frames of {grid[0]}x{grid[1]} (latent grid {self.qcfg.sizes[-1]} x f={f}), "
-                             f"got {x.shape[-2]}x{x.shape[-1]}")
+        f = self.cfg.spatial_compression  # the convolutions take any size divisible by f (curriculum stages)
+        if x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(f"frame size {x.shape[-2]}x{x.shape[-1]} must be divisible by spatial_compression={f}")
 
     # -- continuous latents -----------------------------------------------------------------------------------
     def encode_latent(self, x: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:

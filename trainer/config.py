@@ -15,13 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.storage import atomic_write_text
 from models.quantizer import QuantizerConfig
+from models.sampler import SamplingConfig
 from models.tokenizer import TokenizerConfig
 from models.validation import ConfigError, check, check_choice
+from models.videoar import VideoARConfig
+from trainer.curriculum import Curriculum, StageConfig
 
 
 @dataclass
@@ -84,12 +88,48 @@ class TokenizerTrainConfig:
 
 
 @dataclass
+class VideoARTrainConfig:
+    tokenizer_ckpt: str = "runs/demo/tokenizer/checkpoint"  # frozen tokenizer that pre-encodes the clips
+    steps: int = 200  # only without a `curriculum`: one stage at data.resolution / data.frames / quantizer.scales
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the curriculum's last step
+    warmup_steps: int = 20
+    weight_decay: float = 0.05  # none on norms, biases, embeddings
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    flip_p_min: float = 0.0  # CFEC p_min (DESIGN §3.6); p_max comes from the curriculum
+    flip_delta: float = 0.01  # CFEC per-frame increase of the flip-ratio bounds
+    log_every: int = 10
+    ckpt_every: int = 100  # also at every stage switch and at the end
+    keep_last: int = 3  # committed checkpoints kept
+    resume: bool = True  # continue from the newest committed checkpoint in <run.dir>/videoar/checkpoints
+
+    def __post_init__(self) -> None:
+        p = "videoar_train"
+        for name in ("steps", "log_every", "ckpt_every", "keep_last"):
+            check(getattr(self, name) >= 1, f"{p}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, f"{p}.lr/min_lr_ratio", "need lr > 0, ratio in [0, 1]")
+        check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas",
+              f"must be two numbers in [0, 1), got {list(self.betas)}")
+        check(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0 (0 disables)")
+        check_choice(f"{p}.precision", self.precision, ("fp32", "bf16"))
+        check(0 <= self.flip_p_min <= 1 and self.flip_delta >= 0, f"{p}.flip_p_min/flip_delta",
+              "need p_min in [0, 1] and delta >= 0")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     tokenizer_train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+    videoar: VideoARConfig = field(default_factory=VideoARConfig)
+    videoar_train: VideoARTrainConfig = field(default_factory=VideoARTrainConfig)
+    curriculum: list[StageConfig] = field(default_factory=list)  # empty: one stage from data/quantizer
+    sample: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
         f, tau = self.tokenizer.spatial_compression, self.tokenizer.temporal_compression
@@ -102,6 +142,22 @@ class Config:
               f"got {self.quantizer.sizes[-1][0]}x{self.quantizer.sizes[-1][1]}")
         check((self.data.frames - 1) % tau == 0, "data.frames",
               f"must be 1 + k * tokenizer.temporal_compression ({tau}), got {self.data.frames}")
+        if not self.curriculum:
+            self.curriculum = [StageConfig(name="main", until_step=self.videoar_train.steps,
+                                           resolution=list(self.data.resolution), frames=self.data.frames,
+                                           scales=list(self.quantizer.scales), scales_w=self.quantizer.scales_w)]
+        Curriculum(self.curriculum)  # stage order
+        for s in self.curriculum:
+            p = f"curriculum[{s.name}]"
+            sh, sw = s.resolution
+            check(sh % f == 0 and sw % f == 0, f"{p}.resolution",
+                  f"{sh}x{sw} must be divisible by tokenizer.spatial_compression={f}")
+            check(s.sizes[-1] == (sh // f, sw // f), f"{p}.scales",
+                  f"the last scale must equal the latent grid {sh // f}x{sw // f}, got {s.sizes[-1]}")
+            check((s.frames - 1) % tau == 0, f"{p}.frames", f"must be 1 + k * {tau}, got {s.frames}")
+            check(len(s.scales) <= min(len(self.quantizer.scales), self.videoar.max_scales), f"{p}.scales",
+                  f"at most {min(len(self.quantizer.scales), self.videoar.max_scales)} scales (quantizer.scales "
+                  f"and videoar.max_scales), got {len(s.scales)}")
 
     @property
     def run_dir(self) -> Path:
@@ -127,7 +183,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         file_layer = [OmegaConf.load(path)] if path is not None else []
         override_layer = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise ConfigError(f"{path or 'overrides'}: {str(e).splitlines()[0]}") from None
     return _build(file_layer + [override_layer], path)
 
