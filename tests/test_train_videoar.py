@@ -6,31 +6,13 @@ import pytest
 import torch
 
 from models.sampler import SamplingConfig, sample
-from models.tokenizer import VideoTokenizer
-from tests.conftest import TINY
-from trainer.config import load_config
-from trainer.tokenizer_ckpt import save_tokenizer
+from tests.conftest import make_cfg
 from trainer.train_videoar import VideoARTrainer, train_videoar
 
-MODEL = ["videoar.preset=custom", "videoar.depth=2", "videoar.width=32", "videoar.heads=2", "videoar.cond=class",
-         "videoar.num_classes=8", "videoar_train.log_every=1", "videoar_train.warmup_steps=2"]
 TWO_STAGES = ("curriculum=[{name: low, until_step: 3, resolution: [16, 16], frames: 5, scales: [1, 2], "
               "global_batch: 4, micro_batch: 2, flip_start: 0.1, flip_end: 0.3}, "
               "{name: high, until_step: 6, resolution: [32, 32], frames: 5, scales: [1, 2, 4], global_batch: 2, "
               "micro_batch: 1, flip_start: 0.2, flip_end: 0.2, p_mask: 0.3, window: 1}]")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_ckpt(clips_dir, tmp_path_factory):
-    """A randomly initialised tiny tokenizer: a fixed, deterministic encoder is all these tests need."""
-    cfg = load_config(None, TINY + [f"data.clips_dir={clips_dir}"])
-    torch.manual_seed(0)
-    return save_tokenizer(VideoTokenizer(cfg.tokenizer, cfg.quantizer), cfg, tmp_path_factory.mktemp("tok"), 0)
-
-
-def make_cfg(clips_dir, tokenizer_ckpt, run_dir, *extra):
-    return load_config(None, TINY + MODEL + [f"data.clips_dir={clips_dir}", f"run.dir={run_dir}",
-                                             f"videoar_train.tokenizer_ckpt={tokenizer_ckpt}", *extra])
 
 
 @pytest.mark.parametrize("stop", [2, 3])  # inside the first stage; exactly at the stage switch

@@ -1,0 +1,168 @@
+"""Sample videos from a VideoAR checkpoint: text (or class) to video, image to video, continuation.
+
+    python -m trainer.sample --ckpt runs/demo/videoar/checkpoints --prompt "a red circle moving left" \
+        [--prompt ...] [--init first.png|clip.mp4 --init-frames 1] [--cfg-scale 3 --cfg-schedule constant]
+        [--temperature 1 --top-p 1 --seed 0] [--out runs/demo/samples]
+
+Uses the newest committed checkpoint under --ckpt (or a step-XXXXXXXX directory), its config, and the frozen
+tokenizer the run was trained with. Generates at the last curriculum stage's resolution and length (--stage to
+pick another). Writes one .mp4 per sample and a contact-sheet PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.clips import to_model_input, to_uint8_frames
+from data_pipeline.video_io import read_video, write_contact_sheet, write_video
+from models.sampler import CFG_SCHEDULES, SamplingConfig, sample
+from models.tokenizer import VideoTokenizer
+from models.videoar import VideoAR
+from trainer.checkpoint import load_latest, read_checkpoint
+from trainer.config import Config, config_from_dict
+from trainer.curriculum import StageConfig
+from trainer.tokenizer_ckpt import load_tokenizer
+
+log = logging.getLogger("sample")
+
+
+@dataclass
+class Samples:
+    videos: list[Path]
+    contact_sheet: Path
+    frames: np.ndarray  # uint8 (B, T, H, W, 3)
+    forwards: int
+
+
+def load_videoar(ckpt: str | Path, device: str = "cpu") -> tuple[VideoAR, Config, int]:
+    """(model in eval mode, run config, step) from a checkpoints root (newest committed) or a step directory."""
+    ckpt = Path(ckpt)
+    found = read_checkpoint(ckpt) if (ckpt / "metadata.json").is_file() else load_latest(ckpt)
+    if found is None:
+        raise FileNotFoundError(f"{ckpt}: no committed checkpoint (step-XXXXXXXX/metadata.json) found")
+    meta, shards = found
+    cfg = config_from_dict(meta["config"])
+    model = VideoAR(cfg.videoar, cfg.tokenizer.latent_dim)
+    (state,) = shards.values()
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{ckpt}: weights do not fit the model its config builds ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), cfg, int(meta["step"])
+
+
+def pick_stage(cfg: Config, name: str | None) -> StageConfig:
+    if name is None:
+        return cfg.curriculum[-1]
+    for s in cfg.curriculum:
+        if s.name == name:
+            return s
+    raise ValueError(f"no curriculum stage {name!r}; stages: {[s.name for s in cfg.curriculum]}")
+
+
+def condition(model: VideoAR, prompts: list[str], class_ids: list[int]) -> torch.Tensor:
+    c = model.cfg
+    if c.cond == "class":
+        if not class_ids or any(not 0 <= i < c.num_classes for i in class_ids):
+            raise ValueError(f"this model is class-conditioned: pass --class-id in 0..{c.num_classes - 1}")
+        return torch.tensor(class_ids, dtype=torch.long)
+    if not prompts:
+        raise ValueError("this model is text-conditioned: pass --prompt")
+    from models.text_encoder import TextEncoder
+    return TextEncoder(c.text_encoder, c.text_len).encode(prompts)
+
+
+@torch.no_grad()
+def given_bits(tokenizer: VideoTokenizer, quantizer, init: str | Path, init_frames: int, stage: StageConfig,
+               batch: int) -> list[torch.Tensor]:
+    """Bits of the first latent frames of an image or video (resized + center-cropped to the stage)."""
+    frames = read_video(init, num_frames=init_frames, size=tuple(stage.resolution))
+    if len(frames) < init_frames:
+        raise ValueError(f"{init}: has {len(frames)} frames, --init-frames asks for {init_frames}")
+    tokenizer.latent_frames(init_frames)  # 1 + k * tau
+    z = tokenizer.encode_latent(to_model_input(frames)).transpose(1, 2)[0]  # (T0, d, h, w)
+    bits = quantizer.encode(z)
+    return [b[None].expand(batch, *b.shape) for b in bits]
+
+
+def generate(model: VideoAR, cfg: Config, tokenizer: VideoTokenizer, cond: torch.Tensor, sampling: SamplingConfig,
+             stage: StageConfig, init: str | Path | None = None, init_frames: int = 1, seed: int = 0,
+             ) -> tuple[torch.Tensor, int]:
+    """Decoded videos (B, 3, T, H, W) in [-1, 1] and the number of transformer forwards."""
+    quantizer = tokenizer.quantizer.for_sizes(stage.sizes)
+    num_latent = tokenizer.latent_frames(stage.frames)
+    given = None if init is None else given_bits(tokenizer, quantizer, init, init_frames, stage, cond.shape[0])
+    res = sample(model, quantizer, cond, num_latent, sampling, given, torch.Generator().manual_seed(seed))
+    video = tokenizer.decode_latent(res.latent.transpose(1, 2))
+    return video, res.forwards
+
+
+def write_samples(video: torch.Tensor, out_dir: str | Path, fps: float, labels: list[str]) -> tuple[list[Path], Path]:
+    out_dir = Path(out_dir)
+    frames = to_uint8_frames(video)
+    paths = []
+    for i, clip in enumerate(frames):
+        paths.append(out_dir / f"sample-{i:02d}.mp4")
+        write_video(paths[-1], clip, fps=fps)
+    sheet = out_dir / "samples.png"
+    write_contact_sheet(sheet, list(frames), labels=[s[:40] for s in labels])
+    return paths, sheet
+
+
+def sample_to_files(ckpt: str | Path, out_dir: str | Path, prompts: list[str] = (), class_ids: list[int] = (),
+                    sampling: dict | None = None, stage_name: str | None = None,
+                    init: str | Path | None = None, init_frames: int = 1, seed: int = 0,
+                    tokenizer_ckpt: str | Path | None = None) -> Samples:
+    model, cfg, step = load_videoar(ckpt)
+    tokenizer, _, _ = load_tokenizer(tokenizer_ckpt or cfg.videoar_train.tokenizer_ckpt)
+    stage = pick_stage(cfg, stage_name)
+    cond = condition(model, list(prompts), list(class_ids))
+    sampling_cfg = replace(cfg.sample, **(sampling or {}))  # the run's defaults, overridden per call
+    video, forwards = generate(model, cfg, tokenizer, cond, sampling_cfg, stage, init, init_frames, seed)
+    labels = list(prompts) if prompts else [f"class {i}" for i in class_ids]
+    paths, sheet = write_samples(video, out_dir, cfg.data.fps, labels)
+    log.info("step %d: %d samples, %d forwards", step, len(paths), forwards)
+    return Samples(paths, sheet, to_uint8_frames(video), forwards)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--ckpt", required=True, help="checkpoints root (newest committed step) or a step directory")
+    parser.add_argument("--prompt", action="append", default=[], help="caption (repeat for a batch)")
+    parser.add_argument("--class-id", action="append", type=int, default=[], help="class id (class-conditioned model)")
+    parser.add_argument("--init", help="image or video whose first frames are given (image-to-video, continuation)")
+    parser.add_argument("--init-frames", type=int, default=1, help="video frames of --init to keep: 1 + k * tau")
+    parser.add_argument("--cfg-scale", type=float, help="guidance for the constant schedule (default: run config)")
+    parser.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help="guidance schedule over (frame, scale)")
+    parser.add_argument("--temperature", type=float, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, help="per-bit nucleus threshold")
+    parser.add_argument("--stage", help="curriculum stage whose resolution/length/scales to use (default: last)")
+    parser.add_argument("--tokenizer", help="tokenizer checkpoint (default: the one the run was trained with)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="output directory (default: <run.dir>/samples when --ckpt is "
+                                                    "<run.dir>/videoar/checkpoints)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        overrides = {k: v for k, v in (("cfg_scale", args.cfg_scale), ("cfg_schedule", args.cfg_schedule),
+                                       ("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
+        out_dir = args.out or Path(args.ckpt).resolve().parent.parent / "samples"
+        out = sample_to_files(args.ckpt, out_dir, args.prompt, args.class_id, overrides, args.stage, args.init,
+                              args.init_frames, args.seed, args.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    print(f"{len(out.videos)} samples ({out.forwards} transformer forwards): "
+          f"{', '.join(str(p) for p in out.videos)}\ncontact sheet: {out.contact_sheet}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
