@@ -47,6 +47,6 @@ def forward_flops(cfg: VideoARConfig, latent_dim: int, layout: SequenceLayout, b
 
 def train_step_flops(cfg: VideoARConfig, latent_dim: int, layout: SequenceLayout, batch: int = 1) -> int:
     """Forward + backward = 3 x forward (backward: one GEMM for the input gradient and one for the weight
-    gradient per forward GEMM). Slightly over the real count: the input features need no gradient, so
-    `input_proj`'s input-gradient GEMM is never run (see tests/test_flops.py)."""
+    gradient per forward GEMM). Slightly over the real count: the input features and text states need no
+    gradient, so the input-gradient GEMMs of `input_proj` and `cond_proj` never run (tests/test_flops.py)."""
     return 3 * forward_flops(cfg, latent_dim, layout, batch)

@@ -1,0 +1,114 @@
+"""Curriculum schedules as pure functions of the step; committed checkpoints with verified fallback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models.validation import ConfigError
+from tests.conftest import TINY
+from trainer.checkpoint import committed_steps, load_latest, read_checkpoint, save_checkpoint, step_dir
+from trainer.config import load_config
+from trainer.curriculum import Curriculum, StageConfig
+
+
+def two_stages() -> Curriculum:
+    return Curriculum([StageConfig(name="a", until_step=10, global_batch=8, micro_batch=4, flip_start=0.0,
+                                   flip_end=0.18),
+                       StageConfig(name="b", until_step=30, global_batch=2, micro_batch=2, flip_start=0.25,
+                                   flip_end=0.25)])
+
+
+def test_stage_and_flip_schedule_are_pure_functions_of_the_step():
+    c = two_stages()
+    assert [c.index(s) for s in (0, 9, 10, 29, 30, 99)] == [0, 0, 1, 1, 1, 1]
+    assert c.flip_p_max(0) == 0.0 and c.flip_p_max(9) == pytest.approx(0.18)  # ramp over the stage's 10 steps
+    assert c.flip_p_max(3) == pytest.approx(0.06)
+    assert c.flip_p_max(10) == c.flip_p_max(29) == 0.25
+    assert c.total_steps == 30
+    assert c.expected_consumed(0) == [0, 0]
+    assert c.expected_consumed(4) == [32, 0]
+    assert c.expected_consumed(13) == [80, 6]
+
+
+def test_consumed_samples_are_checked_on_resume():
+    c = two_stages()
+    for step in range(13):
+        c.record(step, c.stage(step).global_batch)
+    fresh = two_stages()
+    fresh.load_state_dict(c.state_dict(), 13)
+    assert fresh.consumed == [80, 6]
+    with pytest.raises(ValueError, match="curriculum mismatch at step 12"):
+        two_stages().load_state_dict(c.state_dict(), 12)
+    renamed = Curriculum([StageConfig(name="x", until_step=10), StageConfig(name="b", until_step=30)])
+    with pytest.raises(ValueError, match="stages"):
+        renamed.load_state_dict(c.state_dict(), 13)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("curriculum=[{name: a, until_step: 5, resolution: [36, 32], frames: 5, scales: [1, 2, 4]}]", "resolution"),
+    ("curriculum=[{name: a, until_step: 5, resolution: [32, 32], frames: 5, scales: [1, 2]}]", "scales"),
+    ("curriculum=[{name: a, until_step: 5, resolution: [32, 32], frames: 6, scales: [1, 2, 4]}]", "frames"),
+    ("curriculum=[{name: a, until_step: 5, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
+     "global_batch: 6, micro_batch: 4}]", "global_batch"),
+    ("curriculum=[{name: a, until_step: 5, scales: [1, 2, 4], resolution: [32, 32]}, "
+     "{name: b, until_step: 5, scales: [1, 2, 4], resolution: [32, 32]}]", "until_step"),
+])
+def test_bad_stages_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config(None, TINY + ["data.frames=5", override])
+
+
+def test_default_curriculum_is_one_stage_from_the_data_settings():
+    cfg = load_config(None, TINY + ["videoar_train.steps=7"])
+    (s,) = cfg.curriculum
+    assert (s.until_step, s.resolution, s.frames, s.scales) == (7, [32, 32], 5, [1, 2, 4])
+
+
+def state(x: float) -> dict:
+    return {"w": torch.full((3,), x), "step": torch.tensor(1), "nested": {"lr": 0.5, "names": ["a"]}}
+
+
+def test_commit_latest_pointer_and_keep_last(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, {"rank-00000.pt": state(step)}, {"note": "x"}, keep_last=2)
+    assert committed_steps(tmp_path) == [3, 4]
+    assert (tmp_path / "latest").read_text().strip() == "step-00000004"
+    meta, shards = load_latest(tmp_path)
+    assert meta["step"] == 4 and meta["note"] == "x"
+    assert torch.equal(shards["rank-00000.pt"]["w"], torch.full((3,), 4.0))
+    # a directory without metadata.json (a crash before the commit marker) is not a checkpoint
+    (tmp_path / "step-00000009").mkdir()
+    assert committed_steps(tmp_path) == [3, 4]
+
+
+def test_corrupted_newest_falls_back_to_the_previous(tmp_path, caplog):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, {"rank-00000.pt": state(step)}, {}, keep_last=3)
+    shard = step_dir(tmp_path, 2) / "rank-00000.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        read_checkpoint(step_dir(tmp_path, 2))
+    meta, shards = load_latest(tmp_path)
+    assert meta["step"] == 1 and "skipping checkpoint step 2" in caplog.text
+
+
+def test_shards_never_unpickle_code(tmp_path):
+    """weights_only loading refuses arbitrary objects even when the checksum matches."""
+    save_checkpoint(tmp_path, 1, {"rank-00000.pt": {"obj": torch.nn.Linear(1, 1)}}, {})
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        read_checkpoint(step_dir(tmp_path, 1))
+
+
+def test_wrong_format_is_refused(tmp_path):
+    save_checkpoint(tmp_path, 1, {"rank-00000.pt": state(1)}, {})
+    meta_path = step_dir(tmp_path, 1) / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = 99
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="v99"):
+        read_checkpoint(step_dir(tmp_path, 1))
