@@ -25,7 +25,8 @@ def test_presets_load_with_paper_like_ucf101():
 
 def test_overrides_are_typed_and_win_over_the_file():
     cfg = load_config(ROOT / "configs/demo.yaml", ["tokenizer_train.steps=7", "tokenizer_train.lr=0.5",
-                                                   "data.resolution=[32,32]", "quantizer.scales=[1,2,4]"])
+                                                   "data.resolution=[32,32]", "quantizer.scales=[1,2,4]",
+                                                   "curriculum=[]"])
     assert cfg.tokenizer_train.steps == 7 and isinstance(cfg.tokenizer_train.steps, int)
     assert cfg.tokenizer_train.lr == 0.5 and cfg.data.resolution == [32, 32]
 
