@@ -16,6 +16,7 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from models.attention_mask import block_causal_mask
@@ -181,6 +182,7 @@ class VideoAR(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.RMSNorm(w, eps=1e-6)
         self.head = nn.Linear(w, 2 * latent_dim)
+        self.checkpoint_blocks = False  # activation checkpointing (parallel.activation_checkpointing)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -248,9 +250,17 @@ class VideoAR(nn.Module):
         mask = lt.mask if mask is None else mask
         if mask.dim() == 3:
             mask = mask[:, None]
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, lt.angles, mask)
+        x = self.run_blocks(self.blocks, x, lt.angles, mask)
         return self.logits(x[:, layout.prefix_len:])
+
+    def run_blocks(self, blocks, x: torch.Tensor, angles: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Full-sequence pass through `blocks`; with `checkpoint_blocks` each block is recomputed in backward."""
+        for blk in blocks:
+            if self.checkpoint_blocks and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, angles, mask, use_reentrant=False)
+            else:
+                x = blk(x, angles, mask)
+        return x
 
     # -- one block at a time (sampling) ------------------------------------------------------------------------
     def new_cache(self, batch: int, layout: SequenceLayout) -> KVCache:

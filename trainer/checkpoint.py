@@ -30,23 +30,28 @@ def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
-def save_checkpoint(root: str | Path, step: int, shards: dict[str, dict[str, Any]], meta: dict[str, Any],
-                    keep_last: int = 3) -> Path:
-    """Write `shards` (file name -> state) as one committed step; keep the newest `keep_last` steps."""
-    root = Path(root)
-    final = step_dir(root, step)
-    tmp = root / f".tmp-{final.name}"
+def begin_checkpoint(root: str | Path, step: int) -> Path:
+    """A fresh temporary directory for step `step` (one process calls this; the others wait)."""
+    tmp = Path(root) / f".tmp-{step_dir(root, step).name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    sums = {}
-    for name, state in shards.items():
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        data = buf.getvalue()
-        atomic_write_bytes(tmp / name, data)
-        sums[name] = hashlib.sha256(data).hexdigest()
+    return tmp
+
+
+def write_shard(tmp: Path, name: str, state: dict[str, Any]) -> None:
+    """One shard (e.g. `rank-00003.pt`), fsynced; every rank writes its own, in parallel."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(tmp / name, buf.getvalue())
+
+
+def commit_checkpoint(root: str | Path, step: int, tmp: Path, meta: dict[str, Any], keep_last: int = 3) -> Path:
+    """After every shard is on disk: hash them, write metadata.json (the commit marker), rename into place,
+    point `latest` at it and drop all but the newest `keep_last` steps."""
+    root, final = Path(root), step_dir(root, step)
+    sums = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "shards": sums, **meta}
-    atomic_write_text(tmp / "metadata.json", json.dumps(record, indent=1, sort_keys=True))  # commit marker
+    atomic_write_text(tmp / "metadata.json", json.dumps(record, indent=1, sort_keys=True))
     if final.exists():  # a re-save of the same step replaces it
         shutil.rmtree(final)
     tmp.rename(final)
@@ -54,6 +59,23 @@ def save_checkpoint(root: str | Path, step: int, shards: dict[str, dict[str, Any
     for old in committed_steps(root)[:-keep_last]:
         shutil.rmtree(step_dir(root, old), ignore_errors=True)
     return final
+
+
+def save_checkpoint(root: str | Path, step: int, shards: dict[str, dict[str, Any]], meta: dict[str, Any],
+                    keep_last: int = 3) -> Path:
+    """Write `shards` (file name -> state) as one committed step from a single process."""
+    tmp = begin_checkpoint(root, step)
+    for name, state in shards.items():
+        write_shard(tmp, name, state)
+    return commit_checkpoint(root, step, tmp, meta, keep_last)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def committed_steps(root: str | Path) -> list[int]:
@@ -65,8 +87,10 @@ def committed_steps(root: str | Path) -> list[int]:
     return sorted(steps)
 
 
-def read_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(metadata, shards) of one step directory, verified; raises ValueError naming the bad file."""
+def read_checkpoint(directory: str | Path, wanted: set[str] | None = None
+                    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(metadata, top-level .pt shards) of one step directory, every file verified against its checksum;
+    `wanted` limits which shards are loaded. Raises ValueError naming the bad file."""
     directory = Path(directory)
     meta_path = directory / "metadata.json"
     try:
@@ -79,21 +103,21 @@ def read_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, di
     shards = {}
     for name, digest in meta["shards"].items():
         path = directory / name
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ValueError(f"{path}: missing checkpoint shard ({e})") from None
-        if hashlib.sha256(data).hexdigest() != digest:
+        if not path.is_file():
+            raise ValueError(f"{path}: missing checkpoint shard")
+        if _sha256(path) != digest:
             raise ValueError(f"{path}: checksum mismatch (corrupted or partially written)")
-        shards[name] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if path.suffix == ".pt" and path.parent == directory and (wanted is None or name in wanted):
+            shards[name] = torch.load(path, map_location="cpu", weights_only=True)
     return meta, shards
 
 
-def load_latest(root: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
+def load_latest(root: str | Path, wanted: set[str] | None = None
+                ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
     """The newest committed step that verifies, falling back to older ones; None when there is none."""
     for step in reversed(committed_steps(root)):
         try:
-            return read_checkpoint(step_dir(root, step))
+            return read_checkpoint(step_dir(root, step), wanted)
         except ValueError as e:
             log.warning("skipping checkpoint step %d: %s", step, e)
     return None

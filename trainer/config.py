@@ -25,6 +25,7 @@ from models.sampler import SamplingConfig
 from models.tokenizer import TokenizerConfig
 from models.validation import ConfigError, check, check_choice
 from models.videoar import VideoARConfig
+from parallel.config import ParallelConfig
 from trainer.curriculum import Curriculum, StageConfig
 
 
@@ -130,6 +131,7 @@ class Config:
     videoar_train: VideoARTrainConfig = field(default_factory=VideoARTrainConfig)
     curriculum: list[StageConfig] = field(default_factory=list)  # empty: one stage from data/quantizer
     sample: SamplingConfig = field(default_factory=SamplingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         f, tau = self.tokenizer.spatial_compression, self.tokenizer.temporal_compression

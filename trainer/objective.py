@@ -1,6 +1,12 @@
-"""The VideoAR training objective for one micro-batch: Cross-Frame Error Correction on the continuous latents,
+"""The VideoAR training objective (DESIGN §3.2-3.6): Cross-Frame Error Correction on the continuous latents,
 teacher-forced inputs from the corrupted bits, block-causal (+ Random Frame Mask) attention, per-bit
-cross-entropy against the corrected labels (DESIGN §3.2-3.6)."""
+cross-entropy against the corrected labels.
+
+Every random draw of a sample (flip ratios and flips, frame mask, condition dropout) comes from a generator seeded
+by (run seed, step, the sample's position in the global batch), so the objective does not depend on how the
+global batch is cut into micro-batches or spread over data-parallel ranks: every parallel layout computes the
+same training run as one process.
+"""
 
 from __future__ import annotations
 
@@ -10,44 +16,65 @@ import torch
 import torch.nn.functional as F
 
 from models.attention_mask import block_causal_mask, frame_visibility
+from models.layout import SequenceLayout
 from models.quantizer import MultiScaleBitwiseQuantizer
 from models.sequence_inputs import sequence_targets, teacher_forcing_features
-from models.videoar import VideoAR
 from trainer.curriculum import StageConfig
 
 
 @dataclass
-class MicroBatchResult:
-    loss: torch.Tensor  # mean per-bit cross-entropy (scalar, differentiable)
-    token_loss: torch.Tensor  # (L_video,) per-token loss summed over the batch (detached)
-    token_correct: torch.Tensor  # (L_video,) correct bits summed over the batch and bits (detached)
-    flip_ratio: float  # mean drawn flip ratio
+class MicroBatch:
+    features: torch.Tensor  # (B, L_video, d) teacher-forcing inputs
+    targets: torch.Tensor  # (B, L_video, d) bool labels
+    cond: torch.Tensor  # text states (B, P, D) or class ids (B,)
+    drop: torch.Tensor  # (B,) bool: condition replaced by the null prefix
+    mask: torch.Tensor | None  # (B, L, L) bool with the Random Frame Mask, None = the layout's block-causal mask
+    flip_ratio: torch.Tensor  # (B,) mean drawn flip ratio per sample
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def split(self, size: int) -> list["MicroBatch"]:
+        n = len(self)
+        return [MicroBatch(*(None if x is None else x[i:i + size] for x in (
+            self.features, self.targets, self.cond, self.drop, self.mask, self.flip_ratio))) for i in range(0, n, size)]
 
 
-def micro_batch_loss(model: VideoAR, quantizer: MultiScaleBitwiseQuantizer, latents: torch.Tensor,
-                     cond: torch.Tensor, stage: StageConfig, p_max: float, p_min: float, delta: float,
-                     generator: torch.Generator, autocast: bool = False) -> MicroBatchResult:
-    """latents (B, T, d, h, w) float. p_max = 0 turns error correction off (plain teacher forcing: p_min and
-    delta are ignored then)."""
-    b, t = latents.shape[:2]
-    if p_max > 0:
-        ec = quantizer.encode_with_error_correction(latents, p_max, min(p_min, p_max), delta, generator)
-    else:
-        ec = quantizer.encode_with_error_correction(latents, 0.0, 0.0, 0.0, generator)
-    features = teacher_forcing_features(quantizer, ec.inputs)
-    targets = sequence_targets(ec.labels)  # (B, L_video, d)
-    layout = model.layout_for(t, quantizer.sizes)
-    mask = None
-    if stage.p_mask > 0 or stage.window > 0:
-        mask = block_causal_mask(layout, frame_visibility(b, t, stage.window, stage.p_mask, generator))
-    drop = torch.rand(b, generator=generator) < model.cfg.cond_drop
-    with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(cond, features, layout, mask, drop.to(latents.device))
+def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
+    """The random stream of the sample at `position` of step `step`'s global batch."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 65_537 + position) % (2**63))
+
+
+@torch.no_grad()
+def prepare_batch(quantizer: MultiScaleBitwiseQuantizer, layout: SequenceLayout, latents: torch.Tensor,
+                  cond: torch.Tensor, stage: StageConfig, cond_drop: float, p_max: float, p_min: float, delta: float,
+                  generators: list[torch.Generator]) -> MicroBatch:
+    """Inputs and labels for latents (B, T, d, h, w), one generator per sample. p_max = 0 turns error correction
+    off (plain teacher forcing; p_min and delta are ignored then)."""
+    if p_max <= 0:
+        p_max = p_min = delta = 0.0
+    inputs, labels, ratios, vis, drop = [], [], [], [], []
+    t = latents.shape[1]
+    for i, g in enumerate(generators):
+        ec = quantizer.encode_with_error_correction(latents[i:i + 1], p_max, min(p_min, p_max), delta, g)
+        inputs.append(ec.inputs)
+        labels.append(ec.labels)
+        ratios.append(ec.ratios.mean())
+        if stage.p_mask > 0 or stage.window > 0:
+            vis.append(frame_visibility(1, t, stage.window, stage.p_mask, g))
+        drop.append(torch.rand(1, generator=g) < cond_drop)
+    per_scale = lambda xs: [torch.cat([x[k] for x in xs]) for k in range(quantizer.num_scales)]  # noqa: E731
+    mask = block_causal_mask(layout, torch.cat(vis)) if vis else None
+    return MicroBatch(teacher_forcing_features(quantizer, per_scale(inputs)), sequence_targets(per_scale(labels)),
+                      cond, torch.cat(drop), mask, torch.stack(ratios).float())
+
+
+def bit_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean per-bit cross-entropy, and per-token sums over the batch (detached) of the loss and correct bits."""
     logits = logits.float()
     per_bit = F.cross_entropy(logits.reshape(-1, 2), targets.reshape(-1).long(), reduction="none").view(targets.shape)
     correct = ((logits[..., 1] > logits[..., 0]) == targets).float()
-    return MicroBatchResult(per_bit.mean(), per_bit.detach().mean(2).sum(0), correct.sum((0, 2)),
-                            float(ec.ratios.mean()))
+    return per_bit.mean(), per_bit.detach().mean(2).sum(0), correct.sum((0, 2))
 
 
 def breakdown(token_loss: torch.Tensor, token_correct: torch.Tensor, samples: int, latent_dim: int,

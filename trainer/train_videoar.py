@@ -18,22 +18,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from data_pipeline.clips import load_clip_folder
 from data_pipeline.latent_set import LatentSet, cache_key, encode_latent_set, load_latent_set, save_latent_set
-from data_pipeline.order import global_batch
+from data_pipeline.order import global_batch, rank_slice
 from models.videoar import VideoAR
-from trainer.checkpoint import load_latest, save_checkpoint
+from parallel.engine import TorchEngine
+from parallel.tensor_parallel import apply_tensor_parallel
+from parallel.topology import barrier, broadcast_object, data_parallel_group, init_topology
+from trainer.checkpoint import (begin_checkpoint, commit_checkpoint, load_latest, save_checkpoint, step_dir,
+                                write_shard)
 from trainer.config import Config, config_arg_parser, config_from_args, config_to_dict, save_config
 from trainer.curriculum import Curriculum, StageConfig
 from trainer.metrics import JsonlLogger
-from trainer.objective import breakdown, micro_batch_loss
-from trainer.schedules import param_groups, warmup_cosine
+from trainer.objective import breakdown, prepare_batch, sample_generator
 from trainer.tokenizer_ckpt import WEIGHTS, load_tokenizer
 
 log = logging.getLogger("train_videoar")
-SHARD = "rank-00000.pt"
 
 
 @dataclass
@@ -86,55 +89,82 @@ def stage_data(cfg: Config, tokenizer, stage: StageConfig, progress: bool) -> La
 
 
 class VideoARTrainer:
-    """Owns the model, optimizer, LR schedule, curriculum and RNG; `state_dict` gathers them for checkpoints."""
+    """Owns the model, the engine (optimizer, LR schedule, parallel layout), the curriculum and the data position;
+    `state_dict` gathers them for checkpoints. The same loop runs one process or dp x pp x tp ranks."""
 
     def __init__(self, cfg: Config, progress: bool = True):
-        self.cfg, self.progress = cfg, progress
-        t = cfg.videoar_train
+        self.cfg = cfg
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        torch.manual_seed(cfg.run.seed)
+        self.topo = init_topology(cfg.parallel, cfg.run.device)
+        self.progress = progress and self.topo.rank == 0
+        self.device = torch.device(cfg.run.device)
+        torch.manual_seed(cfg.run.seed)  # every rank builds the same full model, then keeps its part
         self.tokenizer = load_frozen_tokenizer(cfg)
-        self.model = VideoAR(cfg.videoar, cfg.tokenizer.latent_dim).to(cfg.run.device)
-        self.opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
+        model = VideoAR(cfg.videoar, cfg.tokenizer.latent_dim)
+        model.checkpoint_blocks = cfg.parallel.activation_checkpointing
+        self.model = apply_tensor_parallel(model, cfg.parallel.tp, cfg.parallel.pp).to(self.device)
         self.curriculum = Curriculum(cfg.curriculum)
-        total = self.curriculum.total_steps
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: warmup_cosine(s, t.warmup_steps, total, t.min_lr_ratio))
-        self.generator = torch.Generator().manual_seed(cfg.run.seed + 2)
+        for s in self.curriculum.stages:
+            if s.global_batch % (s.micro_batch * self.topo.dp):
+                raise ValueError(f"curriculum[{s.name}].global_batch={s.global_batch} must be a multiple of "
+                                 f"micro_batch x data-parallel size = {s.micro_batch} x {self.topo.dp}")
+        first = self.curriculum.stages[0]
+        if cfg.parallel.zero_stage > 0:
+            from parallel.engine import DeepSpeedEngine
+            self.engine = DeepSpeedEngine(self.model, self.topo, cfg.parallel, cfg.videoar_train,
+                                          self.curriculum.total_steps, self.device, first.global_batch,
+                                          first.micro_batch)
+        else:
+            self.engine = TorchEngine(self.model, self.topo, cfg.parallel, cfg.videoar_train,
+                                      self.curriculum.total_steps, self.device)
         self.step = 0
         self._stage_index, self._data, self._quantizer = -1, None, None
         self.ckpt_dir = out_dir(cfg) / "checkpoints"
 
     # -- state ---------------------------------------------------------------------------------------------
+    @property
+    def shard_name(self) -> str:
+        return f"rank-{self.topo.rank:05d}.pt"
+
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "curriculum": self.curriculum.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
-                "step": self.step}
+        state = {"curriculum": self.curriculum.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                 "step": self.step}
+        if not isinstance(self.engine, TorchEngine):
+            return state
+        return {**self.engine.state_dict(), **state}
 
     def load_state_dict(self, state: dict, source: str) -> None:
-        try:
-            self.model.load_state_dict(state["model"])
-            self.opt.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"{source}: does not fit this model/optimizer ({str(e).splitlines()[0]})") from None
-        self.sched.load_state_dict(state["scheduler"])
+        if isinstance(self.engine, TorchEngine):
+            try:
+                self.engine.load_state_dict(state)
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise ValueError(f"{source}: does not fit this model/optimizer ({str(e).splitlines()[0]})") from None
         self.step = int(state["step"])
         self.curriculum.load_state_dict(state["curriculum"], self.step)
         torch.set_rng_state(state["rng"]["torch"])
-        self.generator.set_state(state["rng"]["generator"])
 
     def save(self) -> Path:
         stage = self.curriculum.stage(max(0, self.step - 1))
-        meta = {"config": config_to_dict(self.cfg), "stage": stage.name, "world_size": 1}
-        return save_checkpoint(self.ckpt_dir, self.step, {SHARD: self.state_dict()}, meta,
-                               self.cfg.videoar_train.keep_last)
+        topo = self.topo
+        meta = {"config": config_to_dict(self.cfg), "stage": stage.name, "world_size": topo.world,
+                "layout": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "zero_stage": self.cfg.parallel.zero_stage}}
+        keep = self.cfg.videoar_train.keep_last
+        if not topo.distributed:
+            return save_checkpoint(self.ckpt_dir, self.step, {self.shard_name: self.state_dict()}, meta, keep)
+        tmp = begin_checkpoint(self.ckpt_dir, self.step) if topo.rank == 0 else None
+        tmp = broadcast_object(tmp)
+        write_shard(tmp, self.shard_name, self.state_dict())
+        if not isinstance(self.engine, TorchEngine):
+            self.engine.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+        barrier()  # every shard is on disk before the commit marker
+        final = commit_checkpoint(self.ckpt_dir, self.step, tmp, meta, keep) if topo.rank == 0 else None
+        return broadcast_object(final)
 
     def maybe_resume(self) -> bool:
         if not self.cfg.videoar_train.resume:
             return False
-        found = load_latest(self.ckpt_dir)
+        found = load_latest(self.ckpt_dir, wanted={self.shard_name})
         if found is None:
             return False
         meta, shards = found
@@ -142,7 +172,17 @@ class VideoARTrainer:
         if saved != dataclasses.asdict(self.cfg.videoar):
             raise ValueError(f"{self.ckpt_dir}: checkpoint step {meta['step']} was trained with a different "
                              f"videoar model config; use a new run.dir or videoar_train.resume=false")
-        self.load_state_dict(shards[SHARD], f"{self.ckpt_dir} step {meta['step']}")
+        layout = {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp,
+                  "zero_stage": self.cfg.parallel.zero_stage}
+        if meta.get("layout", {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 0}) != layout:
+            raise ValueError(f"{self.ckpt_dir}: step {meta['step']} was saved with layout {meta.get('layout')}, "
+                             f"this run is {layout}; resharding to another layout is not supported yet")
+        source = f"{self.ckpt_dir} step {meta['step']}"
+        if self.shard_name not in shards:
+            raise ValueError(f"{source}: has no shard {self.shard_name}")
+        if not isinstance(self.engine, TorchEngine):
+            self.engine.engine.load_checkpoint(str(step_dir(self.ckpt_dir, meta["step"]) / "deepspeed"), tag="state")
+        self.load_state_dict(shards[self.shard_name], source)
         log.info("resumed from step %d", self.step)
         return True
 
@@ -153,56 +193,59 @@ class VideoARTrainer:
         stage = self.curriculum.stages[index]
         log.info("stage %s: %dx%d, %d frames, scales %s, global batch %d", stage.name, *stage.resolution,
                  stage.frames, stage.scales, stage.global_batch)
-        self._data = stage_data(self.cfg, self.tokenizer, stage, self.progress)
+        if self.topo.rank == 0:  # one rank encodes and caches; the others read the cache
+            self._data = stage_data(self.cfg, self.tokenizer, stage, self.progress)
+        barrier()
+        if self.topo.rank != 0:
+            self._data = stage_data(self.cfg, self.tokenizer, stage, False)
         self._quantizer = self.tokenizer.quantizer.for_sizes(stage.sizes)
+        self.engine.set_batch(stage.global_batch, stage.micro_batch)
         self._stage_index = index
 
     def train_step(self) -> dict:
-        t, cur = self.cfg.videoar_train, self.curriculum
+        t, cur, topo = self.cfg.videoar_train, self.curriculum, self.topo
         index = cur.index(self.step)
         self._enter_stage(index)
         stage, data, q = cur.stages[index], self._data, self._quantizer
         p_max = cur.flip_p_max(self.step)
         t0 = time.perf_counter()
         indices = global_batch(len(data), self.cfg.run.seed, cur.consumed[index], stage.global_batch)
-        self.model.train()
-        self.opt.zero_grad(set_to_none=True)
-        token_loss = token_correct = None
-        loss_sum, flip = 0.0, 0.0
-        for m in range(stage.accumulation):
-            lat, cond = data.batch(indices[m * stage.micro_batch:(m + 1) * stage.micro_batch])
-            r = micro_batch_loss(self.model, q, lat.to(self.cfg.run.device), cond.to(self.cfg.run.device), stage,
-                                 p_max, t.flip_p_min, t.flip_delta, self.generator, t.precision == "bf16")
-            (r.loss / stage.accumulation).backward()
-            loss_sum += r.loss.item() / stage.accumulation
-            flip += r.flip_ratio / stage.accumulation
-            token_loss = r.token_loss if token_loss is None else token_loss + r.token_loss
-            token_correct = r.token_correct if token_correct is None else token_correct + r.token_correct
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip else float("inf"))
-        lr = self.sched.get_last_lr()[0]
-        self.opt.step()
-        self.sched.step()
+        positions = rank_slice(list(range(stage.global_batch)), topo.dp_rank, topo.dp)  # this rank's samples
+        lat, cond = data.batch([indices[j] for j in positions])
+        layout = self.model.layout_for(lat.shape[1], q.sizes)
+        gens = [sample_generator(self.cfg.run.seed, self.step, j) for j in positions]
+        batch = prepare_batch(q, layout, lat.to(self.device), cond.to(self.device), stage, self.cfg.videoar.cond_drop,
+                              p_max, t.flip_p_min, t.flip_delta, gens)
+        lr = self.engine.lr
+        loss, token_loss, token_correct = self.engine.forward_backward(batch.split(stage.micro_batch), layout)
+        grad_norm = self.engine.step()
+        flip = batch.flip_ratio.sum()
+        if topo.dp > 1:  # metrics over the global batch
+            packed = torch.cat([loss.view(1) / topo.dp, flip.view(1), token_loss, token_correct])
+            dist.all_reduce(packed, group=data_parallel_group())
+            lv = token_loss.numel()
+            loss, flip, token_loss, token_correct = packed[0], packed[1], packed[2:2 + lv], packed[2 + lv:]
         cur.record(self.step, stage.global_batch)
         self.step += 1
         elapsed = time.perf_counter() - t0
-        layout = self.model.layout_for(data.latents.shape[1], q.sizes)
         frame_ids, scale_ids = (x[layout.prefix_len:] for x in layout.token_ids())
-        return {"step": self.step, "stage": stage.name, "loss": loss_sum,
+        return {"step": self.step, "stage": stage.name, "loss": float(loss),
                 **breakdown(token_loss, token_correct, stage.global_batch, q.dim, frame_ids, scale_ids),
-                "grad_norm": float(grad_norm), "lr": lr, "flip_p_max": p_max, "flip_ratio": flip,
+                "grad_norm": grad_norm, "lr": lr, "flip_p_max": p_max, "flip_ratio": float(flip) / stage.global_batch,
                 "tokens_per_s": stage.global_batch * (layout.length - layout.prefix_len) / elapsed,
                 "step_time_s": elapsed}
 
     def train(self, max_steps: int | None = None) -> VideoARRun:
         """Train until the curriculum ends (or `max_steps` total completed steps), checkpointing on the way."""
         t, cur = self.cfg.videoar_train, self.curriculum
-        out_dir(self.cfg).mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, out_dir(self.cfg) / "config.yaml")
+        main_rank = self.topo.rank == 0
+        if main_rank:
+            out_dir(self.cfg).mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, out_dir(self.cfg) / "config.yaml")
         resumed = self.maybe_resume()
         run = VideoARRun(self.step, self.step, metrics=out_dir(self.cfg) / "metrics.jsonl")
         end = cur.total_steps if max_steps is None else min(max_steps, cur.total_steps)
-        metrics = JsonlLogger(run.metrics, append=resumed)
+        metrics = JsonlLogger(run.metrics, append=resumed) if main_rank else None
         bar = tqdm(total=end, initial=self.step, desc="videoar", unit="step", disable=not self.progress,
                    mininterval=0.5 if sys.stderr.isatty() else 20.0)
         while self.step < end:
@@ -210,13 +253,14 @@ class VideoARTrainer:
             run.losses.append(rec["loss"])
             bar.update(1)
             bar.set_postfix(stage=rec["stage"], loss=f"{rec['loss']:.4f}", acc=f"{rec['bit_acc']:.3f}")
-            if self.step % t.log_every == 0 or self.step == end:
+            if metrics and (self.step % t.log_every == 0 or self.step == end):
                 metrics.log(rec)
             switch = cur.index(self.step) != cur.index(self.step - 1)
             if self.step % t.ckpt_every == 0 or self.step == end or switch:
                 run.checkpoint = self.save()
         bar.close()
-        metrics.close()
+        if metrics:
+            metrics.close()
         run.step = self.step
         return run
 

@@ -1,0 +1,99 @@
+"""One place that builds the process groups: world/rank from torchrun or SLURM env, then megatron-core's
+`parallel_state` groups for tp x pp (dp is the rest), in megatron's rank order (tp fastest, then dp, then pp)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from parallel.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int
+    world: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+SINGLE = Topology(0, 1, 1, 1, 1, 0, 0, 0)
+
+
+def env_rank_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun (RANK/WORLD_SIZE) or SLURM (SLURM_PROCID/SLURM_NTASKS)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def init_topology(cfg: ParallelConfig, device: str = "cpu") -> Topology:
+    """Initialise torch.distributed (if not yet) and megatron-core's groups; a single process needs nothing."""
+    rank, world, local_rank = env_rank_world()
+    if world == 1 and cfg.tp == 1 and cfg.pp == 1:
+        return SINGLE
+    if world % (cfg.tp * cfg.pp):
+        raise ValueError(f"world size {world} is not divisible by parallel.tp x parallel.pp = {cfg.tp} x {cfg.pp}")
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=10))
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tp, pipeline_model_parallel_size=cfg.pp,
+                                 create_gloo_process_groups=backend != "gloo")
+    return Topology(rank, world, cfg.tp, cfg.pp, world // (cfg.tp * cfg.pp), ps.get_tensor_model_parallel_rank(),
+                    ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
+
+
+def destroy_topology() -> None:
+    if dist.is_initialized():
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` from rank `src` on every rank (identity in a single process)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def data_parallel_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()
