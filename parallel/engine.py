@@ -115,6 +115,11 @@ class TorchEngine:
         else:
             schedule.step()
         lv, d = micro[0].targets.shape[1:]
+        # a new schedule's first step also runs the loss once on placeholder tensors (shape inference): keep the
+        # last n, the real micro-batches
+        stats = stats[-n:]
+        if self.topo.is_last_stage and len(stats) != n:
+            raise RuntimeError(f"pipeline schedule computed {len(stats)} losses for {n} micro-batches")
         if stats:
             loss = torch.stack([s[0] for s in stats]).mean()
             tl, tc = sum(s[1] for s in stats), sum(s[2] for s in stats)

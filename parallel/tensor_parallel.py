@@ -50,14 +50,15 @@ class TensorParallelLinear(nn.Module):
         return out
 
 
-def model_parallel_config(tp: int, pp: int, dtype: torch.dtype = torch.float32):
+def model_parallel_config(tp: int, dtype: torch.dtype = torch.float32):
+    """The layers only need the tensor-parallel size (pipelining is torch's, not megatron's schedules)."""
     from megatron.core.model_parallel_config import ModelParallelConfig
 
-    return ModelParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                               use_cpu_initialization=True, params_dtype=dtype, perform_initialization=True)
+    return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True, params_dtype=dtype,
+                               perform_initialization=True)
 
 
-def apply_tensor_parallel(model: VideoAR, tp: int, pp: int = 1) -> VideoAR:
+def apply_tensor_parallel(model: VideoAR, tp: int) -> VideoAR:
     """Swap every block's projections for tensor-parallel ones (in place); tp == 1 leaves the model dense."""
     if tp == 1:
         return model
@@ -65,7 +66,7 @@ def apply_tensor_parallel(model: VideoAR, tp: int, pp: int = 1) -> VideoAR:
     if cfg.heads % tp or cfg.mlp_hidden % tp:
         raise ValueError(f"videoar.heads={cfg.heads} and the MLP width {cfg.mlp_hidden} must be divisible by "
                          f"parallel.tp={tp}")
-    mp_config = model_parallel_config(tp, pp)
+    mp_config = model_parallel_config(tp)
     for block in model.blocks:
         for name, (kind, _) in PARALLEL_LINEARS.items():
             owner_name, attr = name.split(".")

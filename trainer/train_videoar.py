@@ -103,7 +103,7 @@ class VideoARTrainer:
         self.tokenizer = load_frozen_tokenizer(cfg)
         model = VideoAR(cfg.videoar, cfg.tokenizer.latent_dim)
         model.checkpoint_blocks = cfg.parallel.activation_checkpointing
-        self.model = apply_tensor_parallel(model, cfg.parallel.tp, cfg.parallel.pp).to(self.device)
+        self.model = apply_tensor_parallel(model, cfg.parallel.tp).to(self.device)
         self.curriculum = Curriculum(cfg.curriculum)
         for s in self.curriculum.stages:
             if s.global_batch % (s.micro_batch * self.topo.dp):
