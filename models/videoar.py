@@ -265,7 +265,8 @@ class VideoAR(nn.Module):
     # -- one block at a time (sampling) ------------------------------------------------------------------------
     def new_cache(self, batch: int, layout: SequenceLayout) -> KVCache:
         p = next(self.parameters())
-        return KVCache(self.cfg.depth, batch, self.cfg.heads, layout.length, self.cfg.head_dim, p.dtype, p.device)
+        heads = self.blocks[0].attn.qkv.weight.shape[0] // (3 * self.cfg.head_dim)  # this rank's heads under tp
+        return KVCache(len(self.blocks), batch, heads, layout.length, self.cfg.head_dim, p.dtype, p.device)
 
     def forward_block(self, block: Block, features: torch.Tensor, layout: SequenceLayout, cache: KVCache,
                       cond: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:

@@ -147,13 +147,43 @@ class TorchEngine:
         pass
 
     def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict()}
+        """Model and AdamW state by (dense) parameter name, so any layout can reload it (parallel.reshard)."""
+        names = {id(p): clean_name(n) for n, p in self.module.named_parameters()}
+        optim = {names[id(p)]: dict(self.opt.state[p]) for g in self.opt.param_groups for p in g["params"]
+                 if p in self.opt.state}
+        hparams = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
+        return {"model": {names[id(p)]: p.detach() for _, p in self.module.named_parameters()}, "optim": optim,
+                "optim_hparams": hparams, "scheduler": self.sched.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
+    def load_full_state(self, model: dict[str, torch.Tensor], optim: dict[str, dict], hparams: list[dict],
+                        scheduler: dict) -> None:
+        """Take this rank's slices of full (layout-independent) model and optimizer state."""
+        from parallel.reshard import local_slice
+
+        tp, tp_rank = self.topo.tp, self.topo.tp_rank
+        missing = [clean_name(n) for n, _ in self.module.named_parameters() if clean_name(n) not in model]
+        if missing:
+            raise ValueError(f"checkpoint lacks parameters {missing[:3]}")
+        with torch.no_grad():
+            for name, p in self.module.named_parameters():
+                n = clean_name(name)
+                value = local_slice(n, model[n], tp, tp_rank)
+                if value.shape != p.shape:
+                    raise ValueError(f"{n}: checkpoint slice {tuple(value.shape)} vs model {tuple(p.shape)}")
+                p.copy_(value)
+                if n in optim:
+                    self.opt.state[p] = {k: (local_slice(n, v, tp, tp_rank).clone() if k in ("exp_avg", "exp_avg_sq")
+                                             else v.clone()) for k, v in optim[n].items()}
+        if len(hparams) != len(self.opt.param_groups):
+            raise ValueError(f"checkpoint has {len(hparams)} optimizer groups, this model {len(self.opt.param_groups)}")
+        for group, h in zip(self.opt.param_groups, hparams):
+            group.update(h)
+        self.sched.load_state_dict(scheduler)
+
+
+def clean_name(name: str) -> str:
+    """The dense model's parameter name (drops the tensor-parallel `.layer` wrapper)."""
+    return name.replace(".layer.", ".")
 
 
 class MegatronMPU:
@@ -244,4 +274,4 @@ def local_state_dict(engine) -> dict[str, torch.Tensor]:
             state = {k: v.detach().clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
     else:
         state = {k: v.detach().clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
-    return {k.replace(".layer.", "."): v for k, v in state.items()}
+    return {clean_name(k): v for k, v in state.items()}

@@ -22,7 +22,7 @@ import torch
 from data_pipeline.storage import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
-FORMAT, FORMAT_VERSION = "videoar-checkpoint", 1
+FORMAT, FORMAT_VERSION = "videoar-checkpoint", 2
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 

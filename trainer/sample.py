@@ -25,7 +25,7 @@ from data_pipeline.video_io import read_video, write_contact_sheet, write_video
 from models.sampler import CFG_SCHEDULES, SamplingConfig, sample
 from models.tokenizer import VideoTokenizer
 from models.videoar import VideoAR
-from trainer.checkpoint import load_latest, read_checkpoint
+from parallel.consolidate import full_model_state, read_consolidated, resolve_step_dir
 from trainer.config import Config, config_from_dict
 from trainer.curriculum import StageConfig
 from trainer.tokenizer_ckpt import load_tokenizer
@@ -42,20 +42,21 @@ class Samples:
 
 
 def load_videoar(ckpt: str | Path, device: str = "cpu") -> tuple[VideoAR, Config, int]:
-    """(model in eval mode, run config, step) from a checkpoints root (newest committed) or a step directory."""
+    """(model in eval mode, run config, step) from a consolidated .safetensors file, a checkpoints root (newest
+    committed step) or a step directory, whatever parallel layout saved it."""
     ckpt = Path(ckpt)
-    found = read_checkpoint(ckpt) if (ckpt / "metadata.json").is_file() else load_latest(ckpt)
-    if found is None:
-        raise FileNotFoundError(f"{ckpt}: no committed checkpoint (step-XXXXXXXX/metadata.json) found")
-    meta, shards = found
-    cfg = config_from_dict(meta["config"])
+    if ckpt.is_file():
+        config, state, step = read_consolidated(ckpt)
+    else:
+        meta, state = full_model_state(resolve_step_dir(ckpt))
+        config, step = meta["config"], int(meta["step"])
+    cfg = config_from_dict(config)
     model = VideoAR(cfg.videoar, cfg.tokenizer.latent_dim)
-    (state,) = shards.values()
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{ckpt}: weights do not fit the model its config builds ({str(e).splitlines()[0]})") from None
-    return model.to(device).eval(), cfg, int(meta["step"])
+    return model.to(device).eval(), cfg, step
 
 
 def pick_stage(cfg: Config, name: str | None) -> StageConfig:
@@ -135,7 +136,8 @@ def sample_to_files(ckpt: str | Path, out_dir: str | Path, prompts: list[str] = 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--ckpt", required=True, help="checkpoints root (newest committed step) or a step directory")
+    parser.add_argument("--ckpt", required=True, help="checkpoints root (newest committed step), a step directory or "
+                                                      "a consolidated .safetensors (python -m parallel.consolidate)")
     parser.add_argument("--prompt", action="append", default=[], help="caption (repeat for a batch)")
     parser.add_argument("--class-id", action="append", type=int, default=[], help="class id (class-conditioned model)")
     parser.add_argument("--init", help="image or video whose first frames are given (image-to-video, continuation)")

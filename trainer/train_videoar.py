@@ -28,8 +28,9 @@ from models.videoar import VideoAR
 from parallel.engine import TorchEngine
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import barrier, broadcast_object, data_parallel_group, init_topology
-from trainer.checkpoint import (begin_checkpoint, commit_checkpoint, load_latest, save_checkpoint, step_dir,
-                                write_shard)
+from parallel.reshard import assemble, source_ranks
+from trainer.checkpoint import (begin_checkpoint, commit_checkpoint, load_latest, read_checkpoint, save_checkpoint,
+                                step_dir, write_shard)
 from trainer.config import Config, config_arg_parser, config_from_args, config_to_dict, save_config
 from trainer.curriculum import Curriculum, StageConfig
 from trainer.metrics import JsonlLogger
@@ -37,6 +38,7 @@ from trainer.objective import breakdown, prepare_batch, sample_generator
 from trainer.tokenizer_ckpt import WEIGHTS, load_tokenizer
 
 log = logging.getLogger("train_videoar")
+SINGLE_LAYOUT = {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 0}
 
 
 @dataclass
@@ -124,6 +126,10 @@ class VideoARTrainer:
 
     # -- state ---------------------------------------------------------------------------------------------
     @property
+    def layout(self) -> dict[str, int]:
+        return {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp, "zero_stage": self.cfg.parallel.zero_stage}
+
+    @property
     def shard_name(self) -> str:
         return f"rank-{self.topo.rank:05d}.pt"
 
@@ -135,11 +141,7 @@ class VideoARTrainer:
         return {**self.engine.state_dict(), **state}
 
     def load_state_dict(self, state: dict, source: str) -> None:
-        if isinstance(self.engine, TorchEngine):
-            try:
-                self.engine.load_state_dict(state)
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise ValueError(f"{source}: does not fit this model/optimizer ({str(e).splitlines()[0]})") from None
+        """Trainer state (step, curriculum, RNG) of a checkpoint shard; the engine is loaded separately."""
         self.step = int(state["step"])
         self.curriculum.load_state_dict(state["curriculum"], self.step)
         torch.set_rng_state(state["rng"]["torch"])
@@ -148,7 +150,7 @@ class VideoARTrainer:
         stage = self.curriculum.stage(max(0, self.step - 1))
         topo = self.topo
         meta = {"config": config_to_dict(self.cfg), "stage": stage.name, "world_size": topo.world,
-                "layout": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "zero_stage": self.cfg.parallel.zero_stage}}
+                "layout": self.layout}
         keep = self.cfg.videoar_train.keep_last
         if not topo.distributed:
             return save_checkpoint(self.ckpt_dir, self.step, {self.shard_name: self.state_dict()}, meta, keep)
@@ -172,17 +174,29 @@ class VideoARTrainer:
         if saved != dataclasses.asdict(self.cfg.videoar):
             raise ValueError(f"{self.ckpt_dir}: checkpoint step {meta['step']} was trained with a different "
                              f"videoar model config; use a new run.dir or videoar_train.resume=false")
-        layout = {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp,
-                  "zero_stage": self.cfg.parallel.zero_stage}
-        if meta.get("layout", {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 0}) != layout:
-            raise ValueError(f"{self.ckpt_dir}: step {meta['step']} was saved with layout {meta.get('layout')}, "
-                             f"this run is {layout}; resharding to another layout is not supported yet")
+        layout = self.layout
+        saved_layout = meta.get("layout", SINGLE_LAYOUT)
         source = f"{self.ckpt_dir} step {meta['step']}"
-        if self.shard_name not in shards:
-            raise ValueError(f"{source}: has no shard {self.shard_name}")
-        if not isinstance(self.engine, TorchEngine):
+        if isinstance(self.engine, TorchEngine) and saved_layout["zero_stage"] == 0:
+            # any dp x pp x tp layout: rebuild this rank's slices from the full state (parallel.reshard)
+            needed = {f"rank-{r:05d}.pt" for stage in source_ranks(saved_layout) for r in stage}
+            meta, shards = read_checkpoint(step_dir(self.ckpt_dir, meta["step"]), wanted=needed)
+            by_rank = {int(name[5:10]): state for name, state in shards.items()}
+            model, optim = assemble(by_rank, saved_layout)
+            first = by_rank[0]
+            try:
+                self.engine.load_full_state(model, optim, first["optim_hparams"], first["scheduler"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise ValueError(f"{source}: does not fit this model/optimizer ({str(e).splitlines()[0]})") from None
+            self.load_state_dict(first, source)
+        else:
+            if saved_layout != layout:
+                raise ValueError(f"{source}: saved with layout {saved_layout}, this run is {layout}. DeepSpeed ZeRO "
+                                 "partitions the optimizer state over the data-parallel ranks and cannot be resharded "
+                                 "here; resume with the same parallel.tp/pp/zero_stage and world size (or consolidate "
+                                 "the weights with `python -m parallel.consolidate` and start a new run)")
             self.engine.engine.load_checkpoint(str(step_dir(self.ckpt_dir, meta["step"]) / "deepspeed"), tag="state")
-        self.load_state_dict(shards[self.shard_name], source)
+            self.load_state_dict(shards[self.shard_name], source)
         log.info("resumed from step %d", self.step)
         return True
 
