@@ -201,14 +201,18 @@ class MegatronMPU:
 
 
 def deepspeed_config(pcfg: ParallelConfig, tcfg, topo: Topology, global_batch: int, micro_batch: int,
-                     device: str) -> dict:
+                     device: str, width: int) -> dict:
     """The whole DeepSpeed config, from our YAML sections (there is no separate DeepSpeed JSON)."""
     return {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": global_batch // (micro_batch * topo.dp),
         "gradient_clipping": float(tcfg.grad_clip),  # set explicitly: DeepSpeed's default is 1.0
-        "zero_optimization": {"stage": pcfg.zero_stage},
+        # bucket sizes scaled to the model (DeepSpeed's defaults reserve up to 5e8 elements, 2 GB in fp32)
+        "zero_optimization": {"stage": pcfg.zero_stage, "reduce_bucket_size": width * width,
+                              "allgather_bucket_size": width * width,
+                              "stage3_prefetch_bucket_size": int(0.9 * width * width),
+                              "stage3_param_persistence_threshold": 10 * width},
         "zero_allow_untested_optimizer": True,  # torch.optim.AdamW as the client optimizer
         "bf16": {"enabled": tcfg.precision == "bf16" and device == "cuda"},
         "steps_per_print": 2**31 - 1,
@@ -229,7 +233,7 @@ class DeepSpeedEngine:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg, total_steps))
         self.engine, self.opt, _, self.sched = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, mpu=MegatronMPU(),
-            config=deepspeed_config(pcfg, tcfg, topo, global_batch, micro_batch, device.type))
+            config=deepspeed_config(pcfg, tcfg, topo, global_batch, micro_batch, device.type, model.cfg.width))
         self.module = self.engine.module
 
     @property

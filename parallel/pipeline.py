@@ -39,6 +39,9 @@ class PipelineStageModule(nn.Module):
             if self.is_last:
                 setattr(self, name, getattr(model, name))
         self._model = [model]  # not a submodule: borrowed methods only
+        for i in range(len(model.blocks)):  # other stages' blocks are not kept on this rank
+            if i not in blocks:
+                model.blocks[i] = nn.Identity()
         self.layout: SequenceLayout | None = None
 
     def forward(self, *args):

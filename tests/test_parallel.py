@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import make_cfg
-from tests.multiproc import run_ranks
+from parallel.launch import run_local as run_ranks
 
 STAGE = ("curriculum=[{name: s, until_step: 5, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
          "global_batch: 4, micro_batch: 1, flip_start: 0.2, flip_end: 0.3, p_mask: 0.3, window: 1}]")

@@ -1,0 +1,112 @@
+"""Per-rank parameter + optimizer-state bytes under DeepSpeed ZeRO 0/1/2/3 at dp = 2, as ratios to plain
+data parallelism (ZeRO-0: every rank holds everything), measured side by side in one run.
+
+    python -m benchmarks.zero_memory [--width 512 --depth 4]
+
+Each layout trains one step of the same VideoAR on 2 gloo ranks; then every tensor a rank keeps between steps
+(its parameter storage and all tensors reachable from the optimizer: moments, ZeRO's flat fp32 partitions and
+communication buckets) is counted once by storage. Gradients, activations and temporaries are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from parallel.launch import run_local
+
+
+def _tensors(obj, seen: set[int], depth: int = 0):
+    """Every tensor reachable from obj through lists, tuples, dicts and object attributes (bounded depth)."""
+    if depth > 6 or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if torch.is_tensor(obj):
+        yield obj
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(k, seen, depth + 1)
+            yield from _tensors(v, seen, depth + 1)
+    elif isinstance(obj, (list, tuple, set)):
+        for v in obj:
+            yield from _tensors(v, seen, depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)) and \
+            type(obj).__module__.split(".")[0] in ("torch", "deepspeed"):
+        for v in vars(obj).values():
+            yield from _tensors(v, seen, depth + 1)
+
+
+def _bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def _measure(rank, world, zero, width, depth, out):
+    from models.quantizer import MultiScaleBitwiseQuantizer, QuantizerConfig
+    from models.sequence_inputs import sequence_targets, teacher_forcing_features
+    from models.videoar import VideoAR, VideoARConfig
+    from parallel.config import ParallelConfig
+    from parallel.engine import DeepSpeedEngine, TorchEngine
+    from parallel.topology import init_topology
+    from trainer.config import VideoARTrainConfig
+    from trainer.objective import MicroBatch
+
+    pcfg = ParallelConfig(zero_stage=zero)
+    topo = init_topology(pcfg)
+    torch.manual_seed(0)
+    model = VideoAR(VideoARConfig(preset="custom", depth=depth, width=width, heads=8, cond="class", num_classes=4), 16)
+    tcfg = VideoARTrainConfig()
+    device = torch.device("cpu")
+    engine = (DeepSpeedEngine(model, topo, pcfg, tcfg, 10, device, 4, 2) if zero else
+              TorchEngine(model, topo, pcfg, tcfg, 10, device))
+    q = MultiScaleBitwiseQuantizer(16, QuantizerConfig(scales=[1, 2, 4]))
+    bits = [torch.rand(2, 2, 16, s, s) > 0.5 for s in (1, 2, 4)]
+    mb = MicroBatch(teacher_forcing_features(q, bits), sequence_targets(bits), torch.tensor([0, 1]),
+                    torch.zeros(2, dtype=torch.bool), None, torch.zeros(2))
+    engine.forward_backward([mb], model.layout_for(2, q.sizes))
+    engine.step()
+    params = [getattr(p, "ds_tensor", p) if zero == 3 else p for p in engine.module.parameters()]
+    opt = engine.engine.optimizer if zero else engine.opt
+    grads = {id(p.grad) for p in engine.module.parameters() if p.grad is not None}
+    opt_tensors = [t for t in _tensors(opt, set()) if id(t) not in grads]
+    result = {"params": _bytes(params), "total": _bytes(params + opt_tensors),
+              "numel": sum(p.numel() for p in model.parameters())}
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--depth", type=int, default=4)
+    args = parser.parse_args(argv)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for zero in (0, 1, 2, 3):
+            out = Path(tmp) / f"zero{zero}.json"
+            run_local(2, _measure, zero, args.width, args.depth, str(out))
+            rows[zero] = json.loads(out.read_text())
+    base = rows[0]["total"]
+    print(f"VideoAR depth {args.depth} width {args.width}: {rows[0]['numel'] / 1e6:.1f}M parameters, fp32 AdamW, dp = 2")
+    print(f"{'layout':<8} {'params MB':>10} {'params+optimizer MB':>20} {'ratio to ZeRO-0':>16}")
+    for zero, r in rows.items():
+        print(f"ZeRO-{zero:<3} {r['params'] / 2**20:>10.1f} {r['total'] / 2**20:>20.1f} {r['total'] / base:>16.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
