@@ -67,8 +67,14 @@ def init_topology(cfg: ParallelConfig, device: str = "cpu") -> Topology:
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tp, pipeline_model_parallel_size=cfg.pp,
                                  create_gloo_process_groups=backend != "gloo")
-    return Topology(rank, world, cfg.tp, cfg.pp, world // (cfg.tp * cfg.pp), ps.get_tensor_model_parallel_rank(),
+    topo = Topology(rank, world, cfg.tp, cfg.pp, world // (cfg.tp * cfg.pp), ps.get_tensor_model_parallel_rank(),
                     ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
+    from parallel.reshard import rank_of
+
+    if rank_of(topo.tp_rank, topo.dp_rank, topo.pp_rank, {"tp": topo.tp, "dp": topo.dp}) != rank:
+        raise RuntimeError(f"rank {rank}: megatron-core placed it at tp {topo.tp_rank}, dp {topo.dp_rank}, pp "
+                           f"{topo.pp_rank}, not in the tp-dp-pp order checkpoints assume")
+    return topo
 
 
 def destroy_topology() -> None:

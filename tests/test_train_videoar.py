@@ -81,15 +81,15 @@ def test_overfit_then_greedy_sampling_reproduces_training_bits(clips_dir, tokeni
 
 
 def test_gradient_accumulation_matches_one_big_micro_batch(clips_dir, tokenizer_ckpt, tmp_path):
-    """No randomness in the step (no flips, mask or condition dropout): 2 x 2 accumulated == 1 x 4 (fp32 sum
-    order only: 1e-6)."""
+    """Random draws are per sample (flips, frame mask, condition dropout all on): 2 x 2 accumulated == 1 x 4
+    (fp32 summation order only: 1e-6)."""
     def stage(micro):
         return (f"curriculum=[{{name: s, until_step: 2, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
-                f"global_batch: 4, micro_batch: {micro}}}]")
+                f"global_batch: 4, micro_batch: {micro}, flip_start: 0.2, flip_end: 0.3, p_mask: 0.3}}]")
     runs = []
     for micro in (4, 2):
-        t = VideoARTrainer(make_cfg(clips_dir, tokenizer_ckpt, tmp_path / str(micro), stage(micro),
-                                    "videoar.cond_drop=0.0"), progress=False)
+        t = VideoARTrainer(make_cfg(clips_dir, tokenizer_ckpt, tmp_path / str(micro), stage(micro)),
+                           progress=False)
         runs.append((t.train().losses, t.model.state_dict()))
     (l4, s4), (l2, s2) = runs
     assert l4 == pytest.approx(l2, abs=1e-6)
@@ -104,3 +104,15 @@ def test_bf16_autocast_trains_close_to_fp32(clips_dir, tokenizer_ckpt, tmp_path)
     bf16 = train_videoar(make_cfg(clips_dir, tokenizer_ckpt, tmp_path / "b", stage, "videoar_train.precision=bf16"),
                          progress=False).losses
     assert fp32 == pytest.approx(bf16, abs=5e-3) and fp32 != bf16
+
+
+def test_activation_checkpointing_changes_memory_not_results(clips_dir, tokenizer_ckpt, tmp_path):
+    stage = ("curriculum=[{name: s, until_step: 3, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
+             "global_batch: 2, micro_batch: 2, flip_start: 0.2, flip_end: 0.2, p_mask: 0.3}]")
+    runs = []
+    for ckpt in (False, True):
+        t = VideoARTrainer(make_cfg(clips_dir, tokenizer_ckpt, tmp_path / str(ckpt), stage,
+                                    f"parallel.activation_checkpointing={ckpt}"), progress=False)
+        runs.append((t.train().losses, t.model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1].values(), runs[1][1].values()))

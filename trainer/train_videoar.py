@@ -1,6 +1,7 @@
 """Train the VideoAR transformer on pre-encoded latents with the curriculum, single process.
 
     python -m trainer.train_videoar --config configs/demo.yaml [key.sub=value ...]
+    torchrun --nproc-per-node 4 -m trainer.train_videoar --config ... parallel.tp=2 [parallel.pp=2 | parallel.zero_stage=1]
 
 Needs a trained tokenizer (videoar_train.tokenizer_ckpt, e.g. from `python -m trainer.train_tokenizer`). Each
 curriculum stage's clips are encoded once into <run.dir>/videoar/latents/. Writes <run.dir>/videoar/:
@@ -27,7 +28,7 @@ from data_pipeline.order import global_batch, rank_slice
 from models.videoar import VideoAR
 from parallel.engine import TorchEngine
 from parallel.tensor_parallel import apply_tensor_parallel
-from parallel.topology import barrier, broadcast_object, data_parallel_group, init_topology
+from parallel.topology import barrier, broadcast_object, data_parallel_group, destroy_topology, init_topology
 from parallel.reshard import assemble, source_ranks
 from trainer.checkpoint import (begin_checkpoint, commit_checkpoint, load_latest, read_checkpoint, save_checkpoint,
                                 step_dir, write_shard)
@@ -290,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args, parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run = train_videoar(cfg, max_steps=args.max_steps)
+    trainer = VideoARTrainer(cfg)
+    run = trainer.train(args.max_steps)
+    rank = trainer.topo.rank
+    destroy_topology()
+    if rank != 0:
+        return 0
     print(f"steps {run.start_step} -> {run.step}; last loss {run.losses[-1] if run.losses else float('nan'):.4f}\n"
           f"checkpoint: {run.checkpoint}\nmetrics: {run.metrics}")
     return 0
