@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.storage import atomic_write_text
+from data_pipeline.config import PreprocessConfig
 from models.quantizer import QuantizerConfig
 from models.sampler import SamplingConfig
 from models.tokenizer import TokenizerConfig
@@ -50,6 +51,9 @@ class DataConfig:
     resolution: list[int] = field(default_factory=lambda: [64, 64])  # [height, width] after resize + center crop
     fps: float = 8.0
     heldout_clips: int = 2  # the last N clips (sorted by name) are held out for evaluation
+    shards: str = ""  # VideoAR trains from these preprocessed shards (dir or s3://...); "" = encode clips_dir
+    endpoint_url: str = ""  # S3 endpoint (e.g. http://127.0.0.1:9000); "" = AWS_ENDPOINT_URL / AWS config
+    loader_workers: int = 4  # threads fetching samples (ranged reads) from shards
 
     def __post_init__(self) -> None:
         check(len(self.resolution) == 2 and all(r >= 8 for r in self.resolution), "data.resolution",
@@ -132,6 +136,7 @@ class Config:
     curriculum: list[StageConfig] = field(default_factory=list)  # empty: one stage from data/quantizer
     sample: SamplingConfig = field(default_factory=SamplingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
         f, tau = self.tokenizer.spatial_compression, self.tokenizer.temporal_compression

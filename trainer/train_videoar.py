@@ -64,9 +64,14 @@ def load_frozen_tokenizer(cfg: Config):
     return tok.requires_grad_(False)
 
 
-def stage_data(cfg: Config, tokenizer, stage: StageConfig, progress: bool) -> LatentSet:
-    """The stage's training windows (all clips but the held-out ones), encoded once and cached."""
+def stage_data(cfg: Config, tokenizer, stage: StageConfig, progress: bool):
+    """The stage's training samples: preprocessed shards (data.shards, local or S3) read through the streaming
+    loader, or else the windows of data.clips_dir (all but the held-out clips) encoded once and cached."""
     v, d = cfg.videoar, cfg.data
+    if d.shards:
+        from data_pipeline.loader import ShardSet
+        bucket = f"{stage.resolution[0]}x{stage.resolution[1]}x{stage.frames}"
+        return ShardSet(d.shards, bucket, d.endpoint_url or None, d.loader_workers)
     clips_dir = Path(d.clips_dir)
     listing = sorted((p.name, p.stat().st_size) for p in clips_dir.glob("*.mp4")) if clips_dir.is_dir() else []
     weights = Path(cfg.videoar_train.tokenizer_ckpt) / WEIGHTS
@@ -227,6 +232,10 @@ class VideoARTrainer:
         indices = global_batch(len(data), self.cfg.run.seed, cur.consumed[index], stage.global_batch)
         positions = rank_slice(list(range(stage.global_batch)), topo.dp_rank, topo.dp)  # this rank's samples
         lat, cond = data.batch([indices[j] for j in positions])
+        if hasattr(data, "prefetch"):  # the next step's samples load while this one trains
+            upcoming = global_batch(len(data), self.cfg.run.seed, cur.consumed[index] + stage.global_batch,
+                                    stage.global_batch)
+            data.prefetch([upcoming[j] for j in positions])
         layout = self.model.layout_for(lat.shape[1], q.sizes)
         gens = [sample_generator(self.cfg.run.seed, self.step, j) for j in positions]
         batch = prepare_batch(q, layout, lat.to(self.device), cond.to(self.device), stage, self.cfg.videoar.cond_drop,

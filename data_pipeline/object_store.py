@@ -1,0 +1,142 @@
+"""One small interface over a local directory (the embedded default) and `s3://bucket/prefix` (boto3).
+
+Keys are '/'-separated paths relative to the store's root. Writes are atomic for readers: local files go to a
+temp name and are renamed; S3 objects are uploaded under a temp key and copied to the final key (a reader never
+sees a partial object; the manifest, written last, is the commit point). S3 endpoint and credentials come from
+`AWS_ENDPOINT_URL` / `AWS_*` environment variables or the standard AWS config files (never logged or stored);
+retries with exponential backoff are botocore's "standard" mode.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from data_pipeline.storage import atomic_write_bytes
+
+
+class Store:
+    url: str
+
+    def read(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Bytes [start, end) of `key` (whole object by default)."""
+        raise NotImplementedError
+
+    def write(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """(key, size) of every object under `prefix`, sorted by key."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def local_path(self, key: str) -> Path | None:
+        """A filesystem path for `key` when the store is local (decoders can open it directly)."""
+        return None
+
+    def join(self, key: str) -> str:
+        return f"{self.url.rstrip('/')}/{key}"
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.url = str(self.root)
+
+    def read(self, key, start=None, end=None):
+        path = self.root / key
+        try:
+            with path.open("rb") as f:
+                if start:
+                    f.seek(start)
+                return f.read() if end is None else f.read(end - (start or 0))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such file") from None
+
+    def write(self, key, data):
+        atomic_write_bytes(self.root / key, data)
+
+    def exists(self, key):
+        return (self.root / key).is_file()
+
+    def list(self, prefix=""):
+        base = self.root / prefix if prefix else self.root
+        if not base.exists():
+            return iter(())
+        files = sorted(p for p in (base.rglob("*") if base.is_dir() else [base]) if p.is_file())
+        return ((p.relative_to(self.root).as_posix(), p.stat().st_size) for p in files
+                if not p.name.startswith("."))
+
+    def delete(self, key):
+        (self.root / key).unlink(missing_ok=True)
+
+    def local_path(self, key):
+        return self.root / key
+
+
+class S3Store(Store):
+    def __init__(self, url: str, endpoint_url: str | None = None):
+        import boto3
+        from botocore.config import Config
+
+        if not url.startswith("s3://"):
+            raise ValueError(f"not an s3:// URL: {url}")
+        bucket, _, prefix = url[5:].partition("/")
+        if not bucket:
+            raise ValueError(f"{url}: missing bucket name (s3://bucket/prefix)")
+        self.url, self.bucket, self.prefix = url.rstrip("/"), bucket, prefix.strip("/")
+        self.client = boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
+                                   config=Config(retries={"max_attempts": 8, "mode": "standard"}))
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def read(self, key, start=None, end=None):
+        kwargs = {}
+        if start is not None or end is not None:
+            kwargs["Range"] = f"bytes={start or 0}-{'' if end is None else end - 1}"
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **kwargs)["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            raise FileNotFoundError(f"{self.join(key)}: no such object") from None
+
+    def write(self, key, data):
+        tmp = self._key(f"{key}.tmp-{uuid.uuid4().hex[:12]}")
+        self.client.put_object(Bucket=self.bucket, Key=tmp, Body=data)
+        try:
+            self.client.copy_object(Bucket=self.bucket, Key=self._key(key),
+                                    CopySource={"Bucket": self.bucket, "Key": tmp})
+        finally:
+            self.client.delete_object(Bucket=self.bucket, Key=tmp)
+
+    def exists(self, key):
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except self.client.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def list(self, prefix=""):
+        full = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+        items = [(o["Key"][strip:], o["Size"]) for page in pages for o in page.get("Contents", [])]
+        return iter(sorted(i for i in items if ".tmp-" not in i[0]))
+
+    def delete(self, key):
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+
+def open_store(url: str | os.PathLike, endpoint_url: str | None = None) -> Store:
+    """A store for a local directory or an `s3://bucket/prefix` URL."""
+    url = str(url)
+    return S3Store(url, endpoint_url) if url.startswith("s3://") else LocalStore(url)

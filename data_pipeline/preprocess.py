@@ -1,0 +1,369 @@
+"""Preprocess videos into pre-tokenized WebDataset shards, orchestrated by Ray (DESIGN §5).
+
+    python -m data_pipeline.preprocess --config configs/demo.yaml [preprocess.input=DIR|s3://...]
+        [preprocess.output=DIR|s3://...] [preprocess.ray_address=auto] [data.endpoint_url=http://...]
+
+discover -> probe/filter -> split into clips of each curriculum bucket's frame count -> resize/crop to the
+bucket's resolution (Ray tasks) -> tokenizer encoder + text encoder (batched Ray actors) -> shards per bucket
+`<output>/<H>x<W>x<F>/shard-000000.tar` -> `manifest.json` (the commit point, written last).
+
+Bad inputs (unreadable, truncated, empty, audio-only, too short, too small) are recorded with the reason in
+`quarantine.json`; the job exits non-zero only if nothing usable remains. Progress is committed per input under
+`_progress/` right after the shards holding its clips are written, so a re-run (or a run after a crash) skips
+committed inputs and never duplicates a sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data_pipeline.object_store import Store, open_store
+from data_pipeline.shards import ShardRecord, sample_dict, write_shard
+
+log = logging.getLogger("preprocess")
+VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
+MANIFEST, QUARANTINE, PROGRESS = "manifest.json", "quarantine.json", "_progress"
+FORMAT, FORMAT_VERSION = "videoar-shards", 1
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    height: int
+    width: int
+    frames: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.height}x{self.width}x{self.frames}"
+
+
+def buckets_of(cfg) -> list[Bucket]:
+    return sorted({Bucket(s.resolution[0], s.resolution[1], s.frames) for s in cfg.curriculum},
+                  key=lambda b: b.name)
+
+
+def input_id(key: str, size: int) -> str:
+    return hashlib.sha256(f"{key}\0{size}".encode()).hexdigest()[:16]
+
+
+def tokenizer_hash(ckpt: str | Path) -> str:
+    from trainer.tokenizer_ckpt import WEIGHTS
+
+    h = hashlib.sha256()
+    with open(Path(ckpt) / WEIGHTS, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+# -- Ray work ------------------------------------------------------------------------------------------------
+def read_sidecar(store: Store, key: str) -> tuple[str, int | None]:
+    """Caption (and optional class id) from `<stem>.json` ("caption", "class") or `<stem>.txt`."""
+    stem = key.rsplit(".", 1)[0]
+    if store.exists(stem + ".json"):
+        try:
+            meta = json.loads(store.read(stem + ".json"))
+            return str(meta.get("caption", "")), (int(meta["class"]) if "class" in meta else None)
+        except (ValueError, TypeError):
+            return "", None
+    if store.exists(stem + ".txt"):
+        return store.read(stem + ".txt").decode("utf-8", "replace").strip(), None
+    return "", None
+
+
+def decode_input(in_url: str, endpoint: str | None, key: str, size: int, buckets: list[Bucket], stride: int,
+                 max_clips: int) -> dict:
+    """Probe, filter and cut one input into uint8 clips per bucket, or say why it is quarantined."""
+    from data_pipeline.video_io import VideoDecodeError, probe_video, read_video
+
+    store = open_store(in_url, endpoint)
+    if size == 0:
+        return {"key": key, "quarantine": "empty file (0 bytes)"}
+    path, tmp = store.local_path(key), None
+    try:
+        if path is None:  # object storage: a local copy for the decoder
+            tmp = tempfile.NamedTemporaryFile(suffix=Path(key).suffix, delete=False)
+            tmp.write(store.read(key))
+            tmp.close()
+            path = Path(tmp.name)
+        try:
+            info = probe_video(path)
+        except VideoDecodeError as e:
+            return {"key": key, "quarantine": str(e).replace(str(path), key)}
+        clips, reasons = {}, []
+        for b in buckets:
+            if info.height < b.height or info.width < b.width:
+                reasons.append(f"too small for {b.name}: {info.width}x{info.height}")
+                continue
+            try:
+                frames = read_video(path, size=(b.height, b.width))
+            except VideoDecodeError as e:
+                return {"key": key, "quarantine": str(e).replace(str(path), key)}
+            if len(frames) < b.frames:
+                reasons.append(f"too short for {b.name}: {len(frames)} frames")
+                continue
+            starts = list(range(0, len(frames) - b.frames + 1, stride or b.frames))
+            if max_clips:
+                starts = starts[:max_clips]
+            clips[b.name] = [(s, frames[s:s + b.frames]) for s in starts]
+        if not clips:
+            return {"key": key, "quarantine": "; ".join(reasons)}
+        caption, cls = read_sidecar(store, key)
+        return {"key": key, "clips": clips, "caption": caption, "cls": cls, "fps": info.fps}
+    finally:
+        if tmp is not None:
+            os.unlink(tmp.name)
+
+
+class Encoder:
+    """A Ray actor holding the frozen tokenizer (and text encoder): clips -> continuous latents, captions -> states."""
+
+    def __init__(self, tokenizer_ckpt: str, cond: str, text_encoder: str, text_len: int, threads: int):
+        import torch
+
+        from trainer.tokenizer_ckpt import load_tokenizer
+
+        torch.set_num_threads(threads)
+        self.tokenizer, _, _ = load_tokenizer(tokenizer_ckpt)
+        self.text = None
+        if cond == "text":
+            from models.text_encoder import TextEncoder
+            self.text = TextEncoder(text_encoder, text_len)
+
+    def encode(self, clips: list[np.ndarray], caption: str, batch_size: int) -> tuple[list[np.ndarray], np.ndarray | None]:
+        import torch
+
+        from data_pipeline.clips import to_model_input
+
+        latents = []
+        with torch.no_grad():
+            for i in range(0, len(clips), batch_size):
+                z = self.tokenizer.encode_latent(to_model_input(np.stack(clips[i:i + batch_size])))
+                latents += list(z.transpose(1, 2).half().numpy())
+        text = self.text.encode([caption])[0].half().numpy() if self.text is not None else None
+        return latents, text
+
+
+# -- the driver ----------------------------------------------------------------------------------------------
+@dataclass
+class BucketWriter:
+    bucket: Bucket
+    next_index: int
+    buffer: list = field(default_factory=list)
+    inputs: set = field(default_factory=set)
+    size: int = 0
+
+
+@dataclass
+class Summary:
+    inputs: int = 0
+    skipped: int = 0
+    quarantined: int = 0
+    clips: int = 0
+    shards: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    total_samples: int = 0
+    quarantine: list = field(default_factory=list)
+
+
+def _progress_records(store: Store, kind: str) -> dict[str, dict]:
+    return {k: json.loads(store.read(k)) for k, _ in store.list(f"{PROGRESS}/{kind}/")}
+
+
+def preprocess(cfg, progress: bool = True) -> Summary:
+    import ray
+
+    p, d, v = cfg.preprocess, cfg.data, cfg.videoar
+    endpoint = d.endpoint_url or None
+    src, out = open_store(p.input, endpoint), open_store(p.output, endpoint)
+    buckets = buckets_of(cfg)
+    tok_hash = tokenizer_hash(cfg.videoar_train.tokenizer_ckpt)
+    t0 = time.time()
+    inputs = [(k, s) for k, s in src.list() if Path(k).suffix.lower() in VIDEO_EXTS]
+    if not inputs:
+        raise FileNotFoundError(f"{p.input}: no videos ({', '.join(sorted(VIDEO_EXTS))}) found")
+    done = {r["id"]: r for r in _progress_records(out, "inputs").values()}
+    shards = _progress_records(out, "shards")
+    if any(r.get("tokenizer") != tok_hash for r in shards.values()):
+        raise ValueError(f"{p.output}: holds shards made with another tokenizer; use a new output location")
+    todo = [(k, s) for k, s in inputs if input_id(k, s) not in done]
+    summary = Summary(inputs=len(inputs), skipped=len(inputs) - len(todo))
+    writers = {b.name: BucketWriter(b, 1 + max([int(r["name"][-10:-4]) for r in shards.values()
+                                                  if r["name"].startswith(b.name + "/")], default=-1))
+               for b in buckets}
+    if not todo and out.exists(MANIFEST):  # everything is committed: write nothing
+        manifest = json.loads(out.read(MANIFEST))
+        summary.total_samples = sum(b["samples"] for b in manifest["buckets"].values())
+        summary.quarantine = json.loads(out.read(QUARANTINE)) if out.exists(QUARANTINE) else []
+        summary.seconds = time.time() - t0
+        return summary
+    if todo:
+        _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint, progress)
+    _write_manifest(out, buckets, tok_hash, summary)
+    summary.seconds = time.time() - t0
+    return summary
+
+
+def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint, progress) -> None:
+    p, v = cfg.preprocess, cfg.videoar
+    started_here = not ray.is_initialized()
+    if started_here:
+        env = {"env_vars": {"PYTHONPATH": PROJECT_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}}
+        if p.ray_address:
+            ray.init(address=p.ray_address, runtime_env=env, log_to_driver=False)
+        else:
+            # scheduling slots, not cores: one per encoder actor plus room for the decode tasks
+            ray.init(num_cpus=p.workers + 2, _node_ip_address="127.0.0.1", include_dashboard=False,
+                     runtime_env=env, log_to_driver=False)
+    decode = ray.remote(decode_input)
+    actor_cls = ray.remote(num_cpus=1)(Encoder)
+    actors = [actor_cls.remote(cfg.videoar_train.tokenizer_ckpt, v.cond, v.text_encoder, v.text_len, 1)
+              for _ in range(p.workers)]
+    try:
+        pending_decode = {decode.options(num_cpus=0.5).remote(src.url, endpoint, k, s, buckets, p.stride,
+                                                             p.max_clips_per_video): (k, s) for k, s in todo}
+        pending_encode: dict = {}
+        waiting: dict[str, dict] = {}  # input id -> what is still open for it
+        bar = tqdm(total=len(todo), desc="preprocess", unit="video", disable=not progress)
+        turn = 0
+        while pending_decode or pending_encode:
+            ready, _ = ray.wait(list(pending_decode) + list(pending_encode), num_returns=1)
+            ref = ready[0]
+            if ref in pending_decode:
+                key, size = pending_decode.pop(ref)
+                iid = input_id(key, size)
+                res = ray.get(ref)
+                if "quarantine" in res:
+                    summary.quarantined += 1
+                    _commit_input(out, {"id": iid, "input": src.join(key), "status": "quarantined",
+                                        "reason": res["quarantine"]})
+                    bar.update(1)
+                    continue
+                waiting[iid] = {"encodes": len(res["clips"]), "buckets": set(), "key": key, "clips": 0}
+                for bname, clips in res["clips"].items():
+                    actor = actors[turn % len(actors)]
+                    turn += 1
+                    enc = actor.encode.remote([c for _, c in clips], res["caption"], p.batch_size)
+                    pending_encode[enc] = (iid, key, bname, [s for s, _ in clips], res)
+            else:
+                iid, key, bname, starts, res = pending_encode.pop(ref)
+                latents, text = ray.get(ref)
+                w = writers[bname]
+                for start, lat in zip(starts, latents):
+                    b = w.bucket
+                    meta = {"source": src.join(key), "start": start, "fps": res["fps"], "frames": b.frames,
+                            "height": b.height, "width": b.width, "latent_shape": list(lat.shape),
+                            "tokenizer": tok_hash}
+                    sample = sample_dict(f"{iid}_{start:06d}", lat, res["caption"], meta, text, res["cls"])
+                    w.buffer.append(sample)
+                    w.size += lat.nbytes + (text.nbytes if text is not None else 0) + 4096
+                w.inputs.add(iid)
+                state = waiting[iid]
+                state["encodes"] -= 1
+                state["buckets"].add(bname)
+                state["clips"] += len(starts)
+                if w.size >= p.shard_bytes:
+                    _flush(out, w, waiting, tok_hash, summary, src)
+                for done_id in list(waiting):
+                    if _finish_if_done(out, done_id, waiting, src, summary):
+                        bar.update(1)
+        for w in writers.values():
+            _flush(out, w, waiting, tok_hash, summary, src)
+        for iid in list(waiting):
+            if _finish_if_done(out, iid, waiting, src, summary):
+                bar.update(1)
+        bar.close()
+    finally:
+        for a in actors:  # actors left alive hold CPUs that later tasks wait for
+            ray.kill(a)
+        if started_here:
+            ray.shutdown()
+
+
+def _flush(out: Store, w: BucketWriter, waiting: dict, tok_hash: str, summary: Summary, src: Store) -> None:
+    if not w.buffer:
+        return
+    name = f"{w.bucket.name}/shard-{w.next_index:06d}.tar"
+    record = write_shard(out, name, w.buffer)
+    rec = {**record.to_dict(), "tokenizer": tok_hash, "bucket": w.bucket.name}
+    out.write(f"{PROGRESS}/shards/{w.bucket.name}/shard-{w.next_index:06d}.json", json.dumps(rec).encode())
+    summary.shards += 1
+    summary.bytes += record.bytes
+    for iid in w.inputs:
+        waiting[iid]["buckets"].discard(w.bucket.name)
+    w.buffer, w.inputs, w.size, w.next_index = [], set(), 0, w.next_index + 1
+
+
+def _finish_if_done(out: Store, iid: str, waiting: dict, src: Store, summary: Summary) -> bool:
+    """Commit an input once all its clips are encoded and inside written shards."""
+    state = waiting.get(iid)
+    if state is None or state["encodes"] or state["buckets"]:
+        return False
+    _commit_input(out, {"id": iid, "input": src.join(state["key"]), "status": "ok", "clips": state["clips"]})
+    summary.clips += state["clips"]
+    del waiting[iid]
+    return True
+
+
+def _commit_input(out: Store, record: dict) -> None:
+    out.write(f"{PROGRESS}/inputs/{record['id']}.json", json.dumps(record).encode())
+
+
+def _write_manifest(out: Store, buckets: list[Bucket], tok_hash: str, summary: Summary) -> None:
+    """Manifest of every committed shard (this run's and earlier runs'), and the quarantine report; last."""
+    shards = sorted(_progress_records(out, "shards").values(), key=lambda r: r["name"])
+    inputs = list(_progress_records(out, "inputs").values())
+    summary.quarantine = sorted(({"input": r["input"], "reason": r["reason"]} for r in inputs
+                                 if r["status"] == "quarantined"), key=lambda r: r["input"])
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "tokenizer": tok_hash, "created": time.time(),
+                "inputs": {"ok": sum(r["status"] == "ok" for r in inputs), "quarantined": len(summary.quarantine)},
+                "buckets": {}}
+    for b in buckets:
+        recs, seen = [], set()
+        for r in (r for r in shards if r["bucket"] == b.name):
+            # an input re-encoded after a crash between its shard and its commit record appears twice: the
+            # manifest keeps the first copy only, so the loader never sees a duplicate
+            offsets = [o for o in r["offsets"] if o[0] not in seen]
+            seen.update(o[0] for o in offsets)
+            recs.append(ShardRecord(r["name"], len(offsets), r["bytes"], r["sha256"], offsets).to_dict())
+        manifest["buckets"][b.name] = {"height": b.height, "width": b.width, "frames": b.frames,
+                                       "samples": sum(r["samples"] for r in recs), "shards": recs}
+    summary.total_samples = sum(bk["samples"] for bk in manifest["buckets"].values())
+    out.write(QUARANTINE, json.dumps(summary.quarantine, indent=1).encode())
+    out.write(MANIFEST, json.dumps(manifest).encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.config import config_arg_parser, config_from_args
+
+    parser = config_arg_parser(__doc__.split("\n\n")[0])
+    cfg = config_from_args(parser.parse_args(argv), parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        s = preprocess(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    rate = s.clips / s.seconds if s.seconds else 0.0
+    print(f"inputs {s.inputs} ({s.skipped} already committed), clips written {s.clips}, quarantined "
+          f"{s.quarantined}, shards {s.shards} ({s.bytes / 2**20:.1f} MB), {rate:.1f} clips/s; "
+          f"{s.total_samples} samples in {cfg.preprocess.output}/{MANIFEST}")
+    for q in s.quarantine:
+        print(f"  quarantined {q['input']}: {q['reason']}")
+    return 0 if s.total_samples > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
