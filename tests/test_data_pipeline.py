@@ -179,3 +179,18 @@ def test_trainer_trains_from_s3_shards(s3_shards, s3_endpoint, clips_dir, tokeni
     run = trainer.train()
     assert run.step == 3 and all(np.isfinite(run.losses))
     assert isinstance(trainer._data, ShardSet) and trainer._data.bytes_read > 0
+
+
+def test_interrupted_run_resumes_without_duplicates(s3_shards, s3_endpoint):
+    """A crash after an input's shard was written but before its commit record (and before the manifest): the
+    re-run encodes that input again and the manifest still lists every clip exactly once. (Runs last: it adds
+    shards to the module's output.)"""
+    cfg, _, good, _ = s3_shards
+    out = open_store("s3://shards/out", s3_endpoint)
+    src_sizes = dict(open_store("s3://videos/in", s3_endpoint).list())
+    out.delete(f"_progress/inputs/{input_id(good[1].name, src_sizes[good[1].name])}.json")
+    out.delete("manifest.json")
+    again = preprocess(cfg, progress=False)
+    assert again.clips == 2 and again.shards >= 1
+    keys = [o[0] for s in json.loads(out.read("manifest.json"))["buckets"]["32x32x5"]["shards"] for o in s["offsets"]]
+    assert len(keys) == len(set(keys)) == 2 * GOOD
