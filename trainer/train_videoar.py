@@ -36,6 +36,7 @@ from trainer.config import Config, config_arg_parser, config_from_args, config_t
 from trainer.curriculum import Curriculum, StageConfig
 from trainer.metrics import JsonlLogger
 from trainer.objective import breakdown, prepare_batch, sample_generator
+from trainer.preemption import EXIT_PREEMPTED, PreemptionFlag
 from trainer.tokenizer_ckpt import WEIGHTS, load_tokenizer
 
 log = logging.getLogger("train_videoar")
@@ -49,6 +50,7 @@ class VideoARRun:
     losses: list[float] = field(default_factory=list)  # per step run by this call
     checkpoint: Path | None = None
     metrics: Path | None = None
+    preempted: bool = False  # stopped by SIGUSR1/SIGTERM after a checkpoint (rerun to resume)
 
 
 def out_dir(cfg: Config) -> Path:
@@ -272,6 +274,7 @@ class VideoARTrainer:
         metrics = JsonlLogger(run.metrics, append=resumed) if main_rank else None
         bar = tqdm(total=end, initial=self.step, desc="videoar", unit="step", disable=not self.progress,
                    mininterval=0.5 if sys.stderr.isatty() else 20.0)
+        preemption = PreemptionFlag().install()
         while self.step < end:
             rec = self.train_step()
             run.losses.append(rec["loss"])
@@ -280,8 +283,14 @@ class VideoARTrainer:
             if metrics and (self.step % t.log_every == 0 or self.step == end):
                 metrics.log(rec)
             switch = cur.index(self.step) != cur.index(self.step - 1)
+            if preemption.agreed():  # every rank stops after the same step
+                run.checkpoint, run.preempted = self.save(), True
+                log.warning("preempted (%s) after step %d: checkpoint %s", preemption.signal_name or "another rank",
+                            self.step, run.checkpoint)
+                break
             if self.step % t.ckpt_every == 0 or self.step == end or switch:
                 run.checkpoint = self.save()
+        preemption.uninstall()
         bar.close()
         if metrics:
             metrics.close()
@@ -304,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     run = trainer.train(args.max_steps)
     rank = trainer.topo.rank
     destroy_topology()
+    if run.preempted:
+        return EXIT_PREEMPTED
     if rank != 0:
         return 0
     print(f"steps {run.start_step} -> {run.step}; last loss {run.losses[-1] if run.losses else float('nan'):.4f}\n"

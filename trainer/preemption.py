@@ -1,0 +1,51 @@
+"""Preemption: on SIGUSR1 (SLURM's `--signal`) or SIGTERM the trainer finishes its current step, all ranks agree
+(a max-reduce of the flag after every step, so nobody saves alone or hangs in a collective), a checkpoint is
+saved, and the process exits with `EXIT_PREEMPTED` so the job script requeues it; the next start resumes from
+the newest committed checkpoint in the same run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+EXIT_PREEMPTED = 3  # the sbatch script requeues the job when the trainer exits with this
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class PreemptionFlag:
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous = {}
+
+    def install(self) -> "PreemptionFlag":
+        """Catch SIGUSR1/SIGTERM (main thread only; elsewhere, e.g. a Ray worker thread, the flag stays unset)."""
+        for sig in SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:
+                pass
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: checkpointing after the current step", self.signal_name)
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank was signalled (a collective: call it on all ranks each step)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.requested
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
