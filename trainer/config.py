@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.storage import atomic_write_text
 from data_pipeline.config import PreprocessConfig
+from jobs.config import SlurmConfig
 from models.quantizer import QuantizerConfig
 from models.sampler import SamplingConfig
 from models.tokenizer import TokenizerConfig
@@ -137,6 +138,7 @@ class Config:
     sample: SamplingConfig = field(default_factory=SamplingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
         f, tau = self.tokenizer.spatial_compression, self.tokenizer.temporal_compression
