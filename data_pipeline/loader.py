@@ -66,8 +66,12 @@ class ShardSet:
                 self._prefetched[i] = self.pool.submit(self.fetch, i)
 
     def samples(self, indices: list[int]) -> list[dict]:
+        """Samples in order; an index may repeat (a global batch that crosses an epoch boundary)."""
         self.prefetch(indices)
-        return [self._prefetched.pop(i).result() for i in indices]
+        out = [self._prefetched[i].result() for i in indices]
+        for i in set(indices):
+            self._prefetched.pop(i, None)
+        return out
 
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents float32 (B, T', d, h, w), condition: text states float32 (B, P, D) or class ids (B,))."""

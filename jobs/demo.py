@@ -2,10 +2,12 @@
 
     python -m jobs.demo --config configs/demo.yaml [key.sub=value ...]      (what `make demo` runs)
 
-Steps: (1) generate deterministic synthetic H.264 clips with captions into data.clips_dir (skipped when they
-exist), (2) train the 3D multi-scale bitwise tokenizer and write held-out reconstructions, (3) pretrain a tiny
-VideoAR over the curriculum's stages on the tokenizer's latents (resumes if interrupted), (4) sample videos from
-held-out captions and one image-to-video continuation, written as .mp4 and a contact-sheet PNG.
+Steps: (1) deterministic synthetic H.264 clips with captions into data.clips_dir (skipped when they exist);
+(2) the 3D multi-scale bitwise tokenizer, with held-out reconstructions; (3) Ray preprocessing of the clips into
+pre-tokenized WebDataset shards in a local object-store directory (preprocess.output); (4) VideoAR pretraining
+over the curriculum's two stages on 2 local processes (data parallel) reading those shards, with a simulated
+preemption (SIGUSR1 to the launcher) and an automatic resume from the checkpoint it writes; (5) samples from
+held-out captions and one image-to-video continuation, as .mp4 and PNG; (6) a throughput summary.
 """
 
 from __future__ import annotations
@@ -13,58 +15,137 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from data_pipeline.clips import read_caption
+from data_pipeline.preprocess import preprocess
 from data_pipeline.synth import generate_clips
-from trainer.config import config_arg_parser, config_from_args
+from trainer.config import Config, config_arg_parser, config_from_args, load_config, save_config
+from trainer.preemption import EXIT_PREEMPTED
 from trainer.sample import sample_to_files
-from trainer.train_tokenizer import train_tokenizer
-from trainer.train_videoar import out_dir, train_videoar
+from trainer.tokenizer_ckpt import load_tokenizer
+from trainer.train_tokenizer import TokenizerRun, train_tokenizer
+from trainer.train_videoar import out_dir
+
+NPROC = 2
+
+
+def _metric_steps(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def finished_tokenizer(cfg: Config) -> TokenizerRun | None:
+    """The tokenizer of an earlier demo run with the same config, if it finished (a rerun resumes after it)."""
+    out = cfg.run_dir / "tokenizer"
+    try:
+        _, saved, step = load_tokenizer(out / "checkpoint")
+    except (FileNotFoundError, ValueError):
+        return None
+    psnrs = [r["heldout_psnr"] for r in _metric_steps(out / "metrics.jsonl") if "heldout_psnr" in r]
+    same = all(getattr(saved, k) == getattr(cfg, k) for k in ("data", "tokenizer", "quantizer", "tokenizer_train"))
+    if step != cfg.tokenizer_train.steps or not same or len(psnrs) < 2:
+        return None
+    print("      reusing the finished tokenizer of an earlier run", flush=True)
+    return TokenizerRun(psnrs[0], psnrs[-1], out / "checkpoint", out / "recon" / "reconstructions.png", [])
+
+
+def train_with_preemption(cfg: Config, preempt_at: int) -> tuple[int, float]:
+    """Train on NPROC local processes; once step `preempt_at` is logged, send SIGUSR1 like a scheduler would,
+    then relaunch: the run resumes from the checkpoint written at the signal. Returns (stopped step, seconds)."""
+    run_cfg = cfg.run_dir / "videoar-launch.yaml"
+    save_config(cfg, run_cfg)
+    cmd = [sys.executable, "-m", "jobs.launch", "--nproc", str(NPROC), "--threads", str(max(1, os.cpu_count() // NPROC)),
+           "--master-port", str(29400 + os.getpid() % 500), "--", "--config", str(run_cfg)]
+    metrics = out_dir(cfg) / "metrics.jsonl"
+    t0 = time.time()
+    stopped = 0
+    proc = subprocess.Popen(cmd)
+    signalled = False
+    while proc.poll() is None:
+        if not signalled and any(r["step"] >= preempt_at for r in _metric_steps(metrics)):
+            print(f"      simulated preemption: SIGUSR1 to the launcher after step {preempt_at}", flush=True)
+            proc.send_signal(signal.SIGUSR1)
+            signalled = True
+        time.sleep(0.5)
+    if proc.returncode == EXIT_PREEMPTED:
+        stopped = int((out_dir(cfg) / "checkpoints" / "latest").read_text().strip()[5:])
+        print(f"      checkpointed at step {stopped} and exited {EXIT_PREEMPTED}: relaunching (auto-resume)", flush=True)
+        proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        raise RuntimeError(f"VideoAR training failed (exit {proc.returncode}); see the log above")
+    return stopped, time.time() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = config_arg_parser(__doc__.split("\n\n")[0])
-    cfg = config_from_args(parser.parse_args(argv), parser)
+    parser.add_argument("--preempt-at", type=int, default=100, help="simulate a preemption after this step (0: no)")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args, parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0 = time.time()
     d = cfg.data
-    print(f"[1/4] synthetic clips -> {d.clips_dir}", flush=True)
+    print(f"[1/5] synthetic clips -> {d.clips_dir}", flush=True)
     generate_clips(d.clips_dir, d.synth_clips, frames=d.synth_frames, size=tuple(d.resolution), fps=d.fps,
-                           seed=cfg.run.seed)
-    print(f"[2/4] tokenizer training ({cfg.tokenizer_train.steps} steps) -> {cfg.run_dir / 'tokenizer'}", flush=True)
-    tok = train_tokenizer(cfg)
+                   seed=cfg.run.seed)
+    print(f"[2/5] tokenizer training ({cfg.tokenizer_train.steps} steps) -> {cfg.run_dir / 'tokenizer'}", flush=True)
+    tok = finished_tokenizer(cfg) or train_tokenizer(cfg)
+
+    held = sorted(Path(d.clips_dir).glob("*.mp4"))[-d.heldout_clips:]  # the clips training holds out
+    train_dir = cfg.run_dir / "train-clips"  # preprocessing sees the training clips only
+    train_dir.mkdir(parents=True, exist_ok=True)
+    for p in sorted(Path(d.clips_dir).glob("*.mp4"))[:-d.heldout_clips]:
+        for src in (p, p.with_suffix(".json")):
+            dst = train_dir / src.name
+            if src.exists() and not dst.exists():
+                dst.write_bytes(src.read_bytes())
+    shards = cfg.preprocess.output
+    print(f"[3/5] Ray preprocessing {train_dir} -> shards in {shards}", flush=True)
+    pre_cfg = load_config(args.config, list(args.overrides) + [f"preprocess.input={train_dir}"])
+    pre = preprocess(pre_cfg)
+    print(f"      {pre.clips} clips -> {pre.shards} shards ({pre.bytes / 2**20:.1f} MB) in {pre.seconds:.0f} s; "
+          f"{pre.skipped} videos already done, {pre.quarantined} quarantined", flush=True)
+
+    train_cfg = load_config(args.config, list(args.overrides) + [f"data.shards={shards}"])
     stages = ", ".join(f"{s.name} (to step {s.until_step}, {s.resolution[0]}x{s.resolution[1]}, {s.frames} frames)"
-                       for s in cfg.curriculum)
-    print(f"[3/4] VideoAR pretraining: {stages} -> {out_dir(cfg)}", flush=True)
-    run = train_videoar(cfg)
-    records = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+                       for s in train_cfg.curriculum)
+    print(f"[4/5] VideoAR pretraining on {NPROC} processes: {stages} -> {out_dir(train_cfg)}", flush=True)
+    stopped, train_s = train_with_preemption(train_cfg, args.preempt_at)
+    records = _metric_steps(out_dir(train_cfg) / "metrics.jsonl")
     last = records[-1] if records else {}
-    held = sorted(Path(d.clips_dir).glob("*.mp4"))[-d.heldout_clips:]  # the clips training held out
     prompts = [read_caption(p) for p in held]
     samples_dir = cfg.run_dir / "samples"
-    print(f"[4/4] sampling {len(prompts)} held-out captions + 1 image-to-video -> {samples_dir}", flush=True)
-    ckpts = out_dir(cfg) / "checkpoints"
-    if cfg.videoar.cond == "text":
+    print(f"[5/5] sampling {len(prompts)} held-out captions + 1 image-to-video -> {samples_dir}", flush=True)
+    ckpts = out_dir(train_cfg) / "checkpoints"
+    if train_cfg.videoar.cond == "text":
         t2v = sample_to_files(ckpts, samples_dir / "text-to-video", prompts=prompts, seed=cfg.run.seed)
         i2v = sample_to_files(ckpts, samples_dir / "image-to-video", prompts=prompts[:1], init=held[0], init_frames=1,
                               seed=cfg.run.seed)
     else:
         t2v = sample_to_files(ckpts, samples_dir / "class-to-video", class_ids=[0, 1], seed=cfg.run.seed)
         i2v = sample_to_files(ckpts, samples_dir / "image-to-video", class_ids=[0], init=held[0], seed=cfg.run.seed)
+    by_stage: dict[str, list[dict]] = {}
+    for r in records:
+        by_stage.setdefault(r["stage"], []).append(r)
+    throughput = "; ".join(f"{name}: {sum(r['tokens_per_s'] for r in rs) / len(rs):.0f} tokens/s/rank, "
+                           f"{sum(r['step_time_s'] for r in rs) / len(rs):.2f} s/step" for name, rs in by_stage.items())
     print(f"\nDone in {time.time() - t0:.0f} s.\n"
-          f"  tokenizer held-out PSNR: {tok.psnr_start:.2f} dB at step 0 -> {tok.psnr_end:.2f} dB "
-          f"({tok.recon_png})\n"
-          f"  VideoAR: step {run.step}, bit loss {math.log(2):.3f} (chance) -> {last.get('loss', float('nan')):.3f}, "
-          f"bit accuracy {last.get('bit_acc', float('nan')):.3f}, stage {last.get('stage')}\n"
+          f"  tokenizer held-out PSNR: {tok.psnr_start:.2f} dB at step 0 -> {tok.psnr_end:.2f} dB ({tok.recon_png})\n"
+          f"  shards:                  {shards}/manifest.json ({pre.clips or 'all'} clips, "
+          f"{pre.seconds and pre.clips / pre.seconds:.1f} clips/s)\n"
+          f"  VideoAR:                 step {last.get('step')}, bit loss {math.log(2):.3f} (chance) -> "
+          f"{last.get('loss', float('nan')):.3f}, bit accuracy {last.get('bit_acc', float('nan')):.3f}; "
+          f"preempted at step {stopped or '-'} and resumed; {train_s:.0f} s on {NPROC} processes\n"
+          f"  throughput:              {throughput}\n"
           f"  checkpoints:             {ckpts}/ (latest: {(ckpts / 'latest').read_text().strip()})\n"
-          f"  text-to-video samples:   {t2v.contact_sheet} and {len(t2v.videos)} .mp4 "
-          f"({t2v.forwards} transformer forwards each batch)\n"
+          f"  text-to-video samples:   {t2v.contact_sheet} and {len(t2v.videos)} .mp4\n"
           f"  image-to-video sample:   {i2v.videos[0]} (first frame from {held[0].name})\n"
-          f"  captions:                {prompts}\n"
-          f"  metrics:                 {cfg.run_dir / 'tokenizer' / 'metrics.jsonl'}, {run.metrics}")
+          f"  dashboards (metrics):    {cfg.run_dir / 'tokenizer' / 'metrics.jsonl'}, "
+          f"{out_dir(train_cfg) / 'metrics.jsonl'}")
     return 0
 
 

@@ -37,7 +37,7 @@ def render_sbatch(cfg: Config, config_path: str | Path) -> str:
     lines += [f"#SBATCH --output={run_dir}/slurm/%x-%j.out", f"#SBATCH --signal=USR1@{s.signal_grace_s}",
               "#SBATCH --requeue", "#SBATCH --open-mode=append"]
     lines += [f"#SBATCH {opt}" for opt in s.extra_sbatch]
-    launcher = ["python", "-m", "jobs.launch", "--nproc", str(s.procs_per_node), "--nnodes", "$SLURM_NNODES",
+    launcher = [shlex.quote(sys.executable), "-m", "jobs.launch", "--nproc", str(s.procs_per_node), "--nnodes", "$SLURM_NNODES",
                 "--node-rank", "$SLURM_NODEID", "--master-addr", "$HEAD", "--master-port", str(s.master_port)]
     if s.threads_per_proc:
         launcher += ["--threads", str(s.threads_per_proc)]

@@ -149,6 +149,18 @@ def test_one_epoch_over_ranks_is_every_sample_once(s3_shards, s3_endpoint, dp):
     assert sorted(seen) == sorted(data.key(i) for i in range(n))
 
 
+def test_a_batch_may_repeat_a_sample_across_an_epoch_boundary(s3_shards, s3_endpoint):
+    data = ShardSet("s3://shards/out", "32x32x5", s3_endpoint)
+    n = len(data)
+    indices = rank_samples(n, 0, n - 2, 6, 0, 1)[:5] + [3, 3]  # crosses epochs 0 -> 1; sample 3 twice
+    latents, cond = data.batch(indices)
+    assert latents.shape[0] == cond.shape[0] == 7
+    for a, i in enumerate(indices):
+        for b, j in enumerate(indices):
+            if i == j:
+                assert torch.equal(latents[a], latents[b])
+
+
 def test_resume_under_another_data_parallel_size(s3_shards, s3_endpoint):
     """Stop after 3 steps under dp=2; resume under dp=1 and dp=3: the remaining samples are exactly the
     uninterrupted run's (crossing an epoch boundary), none lost or repeated; each rank reads ~1/dp of the bytes."""

@@ -1,0 +1,68 @@
+"""A real single-node SLURM cluster (installed and started by jobs/slurm_local.sh): a training job submitted
+through jobs.slurm runs 2 processes, is signalled mid-run, checkpoints, requeues itself, resumes, and finishes
+the planned steps with losses equal to an uninterrupted run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from jobs.slurm import status, submit, write_job
+from tests.conftest import make_cfg
+from trainer.train_videoar import VideoARTrainer
+
+STAGE = ("curriculum=[{name: s, until_step: 30, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
+         "global_batch: 4, micro_batch: 2, flip_start: 0.2, flip_end: 0.2}]")
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    res = subprocess.run(["bash", "jobs/slurm_local.sh", "start", str(state)], capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr + res.stdout
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    yield state
+    subprocess.run(["bash", "jobs/slurm_local.sh", "stop", str(state)], timeout=120)
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous
+
+
+def wait_for(predicate, what: str, timeout: float = 600):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def steps_logged(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_preempted_job_requeues_resumes_and_matches(slurm_cluster, clips_dir, tokenizer_ckpt, tmp_path):
+    cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path / "run", STAGE, "slurm.nproc_per_node=2",
+                   "slurm.threads_per_proc=1", "slurm.time=00:30:00", "videoar_train.ckpt_every=1000")
+    script, _ = write_job(cfg)
+    job = submit(script)
+    metrics = tmp_path / "run" / "videoar" / "metrics.jsonl"
+    wait_for(lambda: len(steps_logged(metrics)) >= 3, "the job to train 3 steps")
+    subprocess.run(["scancel", "--signal=USR1", str(job)], check=True)  # what --signal does before the limit
+    wait_for(lambda: status(job) == "PENDING", "the job to requeue itself")
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)  # release it now
+    wait_for(lambda: status(job) in ("COMPLETED", "FAILED", "CANCELLED"), "the job to finish")
+    assert status(job) == "COMPLETED"
+    log = next((tmp_path / "run" / "slurm").glob("*.out")).read_text()
+    assert "preempted: checkpoint written, requeueing" in log and "restart 1" in log
+    records = steps_logged(metrics)
+    assert [r["step"] for r in records] == list(range(1, 31))  # every step once across the requeue
+    reference = VideoARTrainer(make_cfg(clips_dir, tokenizer_ckpt, tmp_path / "ref", STAGE), progress=False).train()
+    assert [r["loss"] for r in records] == pytest.approx(reference.losses, rel=1e-5)
