@@ -19,6 +19,7 @@ stop() {
             rm -f "$dir/$name.pid"
         fi
     done
+    if [ -f "$dir/munge_dir" ]; then rm -rf "$(cat "$dir/munge_dir")" "$dir/munge_dir"; fi
 }
 
 if [ "$cmd" = stop ]; then stop; exit 0; fi
@@ -28,12 +29,16 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! comm
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null
 fi
 stop  # a previous cluster in the same directory
-mkdir -p "$dir/state" "$dir/spool" "$dir/munge"
-chown munge:munge "$dir/munge"
+mkdir -p "$dir/state" "$dir/spool"
+# munged runs as the munge user: its files live in a directory that user can reach (DIR may be private)
+munge_dir=$(mktemp -d /tmp/videoar-munge.XXXXXX)
+chmod 755 "$munge_dir"
+chown munge:munge "$munge_dir"
+echo "$munge_dir" > "$dir/munge_dir"
 [ -s /etc/munge/munge.key ] || { mungekey --create >/dev/null 2>&1 || create-munge-key -f >/dev/null; }
-runuser -u munge -- /usr/sbin/munged --socket="$dir/munge/munge.socket" --pid-file="$dir/munge/munged.pid" \
-    --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/munged.seed"
-cp "$dir/munge/munged.pid" "$dir/munged.pid"
+runuser -u munge -- /usr/sbin/munged --socket="$munge_dir/munge.socket" --pid-file="$munge_dir/munged.pid" \
+    --log-file="$munge_dir/munged.log" --seed-file="$munge_dir/munged.seed"
+cp "$munge_dir/munged.pid" "$dir/munged.pid"
 
 cpus=$(nproc)
 cat > "$dir/slurm.conf" <<EOF
@@ -41,7 +46,7 @@ ClusterName=videoar-local
 SlurmctldHost=localhost
 SlurmUser=root
 AuthType=auth/munge
-AuthInfo=socket=$dir/munge/munge.socket
+AuthInfo=socket=$munge_dir/munge.socket
 NodeName=localhost CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 ProctrackType=proctrack/linuxproc
