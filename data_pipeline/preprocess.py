@@ -221,7 +221,10 @@ def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint
     p, v = cfg.preprocess, cfg.videoar
     started_here = not ray.is_initialized()
     if started_here:
-        env = {"env_vars": {"PYTHONPATH": PROJECT_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}}
+        # workers must import this project; a Ray Job that started us has already arranged that
+        inherited = os.environ.get("PYTHONPATH", "")
+        env = None if PROJECT_ROOT in inherited.split(os.pathsep) else \
+            {"env_vars": {"PYTHONPATH": os.pathsep.join(x for x in (PROJECT_ROOT, inherited) if x)}}
         if p.ray_address:
             ray.init(address=p.ray_address, runtime_env=env, log_to_driver=False)
         else:

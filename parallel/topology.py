@@ -53,6 +53,8 @@ def env_rank_world() -> tuple[int, int, int]:
 def init_topology(cfg: ParallelConfig, device: str = "cpu") -> Topology:
     """Initialise torch.distributed (if not yet) and megatron-core's groups; a single process needs nothing."""
     rank, world, local_rank = env_rank_world()
+    if dist.is_initialized():  # a launcher (e.g. Ray Train) already built the default group
+        rank, world = dist.get_rank(), dist.get_world_size()
     if world == 1 and cfg.tp == 1 and cfg.pp == 1:
         return SINGLE
     if world % (cfg.tp * cfg.pp):
