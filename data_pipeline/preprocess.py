@@ -229,7 +229,7 @@ def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint
             ray.init(address=p.ray_address, runtime_env=env, log_to_driver=False)
         else:
             # scheduling slots, not cores: one per encoder actor plus room for the decode tasks
-            ray.init(num_cpus=p.workers + 2, _node_ip_address="127.0.0.1", include_dashboard=False,
+            ray.init(address="local", num_cpus=p.workers + 2, _node_ip_address="127.0.0.1", include_dashboard=False,
                      runtime_env=env, log_to_driver=False)
     decode = ray.remote(decode_input)
     actor_cls = ray.remote(num_cpus=1)(Encoder)

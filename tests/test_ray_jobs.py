@@ -6,16 +6,17 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from jobs.ray import client, submit, wait
 from tests.conftest import make_cfg
 from trainer.config import save_config
 
@@ -30,34 +31,34 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(tmp_path_factory):
     """Token auth stays on (Ray's default): a fresh token for this head, given to the clients via the env."""
     port, dashboard = free_port(), free_port()
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     ray_bin = str(Path(sys.executable).parent / "ray")
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # its own session dir: no clash with other Ray users
     proc = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             f"--temp-dir={temp_dir}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
                              "--include-dashboard=true"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            client(address).list_jobs()
-            break
-        except Exception:  # noqa: BLE001 - not up yet
-            if time.time() > deadline or proc.poll() is not None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise RuntimeError("the Ray head did not come up")
-            time.sleep(1)
+    deadline = time.time() + 300
+    probe = [sys.executable, "-c", f"from ray.job_submission import JobSubmissionClient as C; C({address!r}).list_jobs()"]
+    while subprocess.run(probe, capture_output=True).returncode != 0:  # a fresh process: no cached Ray auth state
+        if time.time() > deadline or proc.poll() is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise RuntimeError("the Ray head did not come up")
+        time.sleep(1)
     yield address
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -78,13 +79,17 @@ def test_preprocess_and_train_through_the_jobs_api(ray_head, clips_dir, tokenize
                    f"preprocess.output={shards}", "preprocess.workers=1", f"data.shards={shards}", "run.threads=1")
     save_config(cfg, tmp_path / "cfg.yaml")
 
-    job = submit("preprocess", ray_head, str(tmp_path / "cfg.yaml"), [])
-    assert wait(ray_head, job, timeout=600) == "SUCCEEDED", client(ray_head).get_job_logs(job)
+    def cli(*args):  # the real command line, in its own process (Ray keeps per-process auth state)
+        res = subprocess.run([sys.executable, "-m", "jobs.ray", "submit", *args, "--address", ray_head, "--config",
+                              str(tmp_path / "cfg.yaml"), "--wait"], capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert "SUCCEEDED" in res.stdout
+
+    cli("preprocess")
     manifest = json.loads((shards / "manifest.json").read_text())
     assert manifest["buckets"]["32x32x5"]["samples"] == 8  # 4 videos x 2 clips
 
-    job = submit("train", ray_head, str(tmp_path / "cfg.yaml"), [], workers=2)
-    assert wait(ray_head, job, timeout=600) == "SUCCEEDED", client(ray_head).get_job_logs(job)
+    cli("train", "--workers", "2")
     step = tmp_path / "run" / "videoar" / "checkpoints" / "step-00000003"
     meta = json.loads((step / "metadata.json").read_text())
     assert meta["step"] == 3 and meta["layout"]["dp"] == 2
