@@ -57,7 +57,10 @@ def test_preempted_job_requeues_resumes_and_matches(slurm_cluster, clips_dir, to
     wait_for(lambda: len(steps_logged(metrics)) >= 3, "the job to train 3 steps")
     subprocess.run(["scancel", "--signal=USR1", str(job)], check=True)  # what --signal does before the limit
     wait_for(lambda: status(job) == "PENDING", "the job to requeue itself")
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)  # release it now
+    # release it early (SLURM holds a requeued job on its BeginTime); slurmd refuses a relaunch within the second
+    # its previous run was revoked ("Job credential revoked"), which the BeginTime delay normally covers
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
     wait_for(lambda: status(job) in ("COMPLETED", "FAILED", "CANCELLED"), "the job to finish")
     assert status(job) == "COMPLETED"
     log = next((tmp_path / "run" / "slurm").glob("*.out")).read_text()
