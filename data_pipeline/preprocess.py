@@ -279,12 +279,12 @@ def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint
                 state["buckets"].add(bname)
                 state["clips"] += len(starts)
                 if w.size >= p.shard_bytes:
-                    _flush(out, w, waiting, tok_hash, summary, src)
+                    _flush(out, w, waiting, tok_hash, summary)
                 for done_id in list(waiting):
                     if _finish_if_done(out, done_id, waiting, src, summary):
                         bar.update(1)
         for w in writers.values():
-            _flush(out, w, waiting, tok_hash, summary, src)
+            _flush(out, w, waiting, tok_hash, summary)
         for iid in list(waiting):
             if _finish_if_done(out, iid, waiting, src, summary):
                 bar.update(1)
@@ -296,7 +296,7 @@ def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint
             ray.shutdown()
 
 
-def _flush(out: Store, w: BucketWriter, waiting: dict, tok_hash: str, summary: Summary, src: Store) -> None:
+def _flush(out: Store, w: BucketWriter, waiting: dict, tok_hash: str, summary: Summary) -> None:
     if not w.buffer:
         return
     name = f"{w.bucket.name}/shard-{w.next_index:06d}.tar"

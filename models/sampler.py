@@ -112,8 +112,8 @@ def sample(model: VideoAR, quantizer: MultiScaleBitwiseQuantizer, cond: torch.Te
                     gamma = cfg_gamma(cfg.cfg_schedule, cfg.cfg_scale, t, k, num_frames, K)
                     lc, lu = logits[:b], logits[b:]
                     logits = lu + gamma * (lc - lu)
-                bits = tokens_to_grid(sample_bits(logits, cfg.temperature, cfg.top_p, generator).to(dtype),
-                                      block.height, block.width) > 0.5
+                bits = tokens_to_grid(sample_bits(logits, cfg.temperature, cfg.top_p, generator),
+                                      block.height, block.width)
             out_bits[k][:, t] = bits
             acc = quantizer.add_scale(acc, bits, k)
         latent[:, t] = acc

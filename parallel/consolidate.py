@@ -39,14 +39,21 @@ def resolve_step_dir(ckpt: str | Path, step: int | None = None) -> Path:
     return step_dir(ckpt, step if step is not None else steps[-1])
 
 
+def model_shards(meta: dict) -> set[str]:
+    """The shards that hold every parameter once under the layout that saved `meta` (none for DeepSpeed ZeRO,
+    whose states live in its own files)."""
+    layout = meta.get("layout", SINGLE)
+    if layout["zero_stage"]:
+        return set()
+    return {f"rank-{r:05d}.pt" for stage in source_ranks(layout) for r in stage}
+
+
 def full_model_state(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata, dense model state) of one committed step directory, whatever layout saved it."""
     directory = Path(directory)
-    meta, _ = read_checkpoint(directory, wanted=set())  # verifies every file's checksum
+    meta, shards = read_checkpoint(directory, wanted=model_shards)  # verifies every file's checksum
     layout = meta.get("layout", SINGLE)
     if layout["zero_stage"] == 0:
-        needed = {f"rank-{r:05d}.pt" for stage in source_ranks(layout) for r in stage}
-        _, shards = read_checkpoint(directory, wanted=needed)
         model, _ = assemble({int(n[5:10]): s for n, s in shards.items()}, layout)
         return meta, model
     if layout["tp"] != 1:

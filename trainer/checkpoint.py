@@ -15,7 +15,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -87,10 +87,14 @@ def committed_steps(root: str | Path) -> list[int]:
     return sorted(steps)
 
 
-def read_checkpoint(directory: str | Path, wanted: set[str] | None = None
+Wanted = set[str] | Callable[[dict[str, Any]], set[str]] | None
+
+
+def read_checkpoint(directory: str | Path, wanted: Wanted = None
                     ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(metadata, top-level .pt shards) of one step directory, every file verified against its checksum;
-    `wanted` limits which shards are loaded. Raises ValueError naming the bad file."""
+    `wanted` (a set, or a function of the metadata, e.g. of the layout that saved it) limits which shards are
+    loaded. Each file is read once. Raises ValueError naming the bad file."""
     directory = Path(directory)
     meta_path = directory / "metadata.json"
     try:
@@ -100,19 +104,23 @@ def read_checkpoint(directory: str | Path, wanted: set[str] | None = None
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta_path}: expected {FORMAT} v{FORMAT_VERSION}, found "
                          f"{meta.get('format')} v{meta.get('format_version')}")
+    if callable(wanted):
+        wanted = wanted(meta)
     shards = {}
     for name, digest in meta["shards"].items():
         path = directory / name
         if not path.is_file():
             raise ValueError(f"{path}: missing checkpoint shard")
-        if _sha256(path) != digest:
+        load = path.suffix == ".pt" and path.parent == directory and (wanted is None or name in wanted)
+        data = path.read_bytes() if load else None
+        if (hashlib.sha256(data).hexdigest() if load else _sha256(path)) != digest:
             raise ValueError(f"{path}: checksum mismatch (corrupted or partially written)")
-        if path.suffix == ".pt" and path.parent == directory and (wanted is None or name in wanted):
-            shards[name] = torch.load(path, map_location="cpu", weights_only=True)
+        if load:
+            shards[name] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     return meta, shards
 
 
-def load_latest(root: str | Path, wanted: set[str] | None = None
+def load_latest(root: str | Path, wanted: Wanted = None
                 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
     """The newest committed step that verifies, falling back to older ones; None when there is none."""
     for step in reversed(committed_steps(root)):

@@ -29,9 +29,9 @@ from models.videoar import VideoAR
 from parallel.engine import TorchEngine
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import barrier, broadcast_object, data_parallel_group, destroy_topology, init_topology
-from parallel.reshard import assemble, source_ranks
-from trainer.checkpoint import (begin_checkpoint, commit_checkpoint, load_latest, read_checkpoint, save_checkpoint,
-                                step_dir, write_shard)
+from parallel.consolidate import SINGLE, model_shards
+from parallel.reshard import assemble
+from trainer.checkpoint import begin_checkpoint, commit_checkpoint, load_latest, save_checkpoint, step_dir, write_shard
 from trainer.config import Config, config_arg_parser, config_from_args, config_to_dict, save_config
 from trainer.curriculum import Curriculum, StageConfig
 from trainer.metrics import JsonlLogger
@@ -40,7 +40,6 @@ from trainer.preemption import EXIT_PREEMPTED, PreemptionFlag
 from trainer.tokenizer_ckpt import WEIGHTS, load_tokenizer
 
 log = logging.getLogger("train_videoar")
-SINGLE_LAYOUT = {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 0}
 
 
 @dataclass
@@ -174,7 +173,8 @@ class VideoARTrainer:
     def maybe_resume(self) -> bool:
         if not self.cfg.videoar_train.resume:
             return False
-        found = load_latest(self.ckpt_dir, wanted={self.shard_name})
+        # one read of the newest verified step: the shards that hold the model once (any ZeRO-0 layout) + ours
+        found = load_latest(self.ckpt_dir, wanted=lambda meta: model_shards(meta) | {self.shard_name})
         if found is None:
             return False
         meta, shards = found
@@ -183,13 +183,11 @@ class VideoARTrainer:
             raise ValueError(f"{self.ckpt_dir}: checkpoint step {meta['step']} was trained with a different "
                              f"videoar model config; use a new run.dir or videoar_train.resume=false")
         layout = self.layout
-        saved_layout = meta.get("layout", SINGLE_LAYOUT)
+        saved_layout = meta.get("layout", SINGLE)
         source = f"{self.ckpt_dir} step {meta['step']}"
         if isinstance(self.engine, TorchEngine) and saved_layout["zero_stage"] == 0:
             # any dp x pp x tp layout: rebuild this rank's slices from the full state (parallel.reshard)
-            needed = {f"rank-{r:05d}.pt" for stage in source_ranks(saved_layout) for r in stage}
-            meta, shards = read_checkpoint(step_dir(self.ckpt_dir, meta["step"]), wanted=needed)
-            by_rank = {int(name[5:10]): state for name, state in shards.items()}
+            by_rank = {int(name[5:10]): shards[name] for name in model_shards(meta)}
             model, optim = assemble(by_rank, saved_layout)
             first = by_rank[0]
             try:
