@@ -37,10 +37,16 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"  # "cpu" or "cuda"
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    tensorboard: bool = True  # TensorBoard event files beside metrics.jsonl
+    metrics_port: int = 0  # Prometheus endpoint on 127.0.0.1 from rank 0: 0 = any free port, -1 = off
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = measured at start-up with a GEMM
 
     def __post_init__(self) -> None:
         check_choice("run.device", self.device, ("cpu", "cuda"))
         check(self.threads >= 0, "run.threads", f"must be >= 0, got {self.threads}")
+        check(-1 <= self.metrics_port <= 65535, "run.metrics_port", f"must be -1 (off), 0 (any) or a port, got "
+              f"{self.metrics_port}")
+        check(self.peak_flops >= 0, "run.peak_flops", f"must be >= 0 (0 = measure), got {self.peak_flops}")
 
 
 @dataclass

@@ -1,14 +1,30 @@
-"""Metric helpers: quality numbers and the JSONL metrics log every run writes."""
+"""Metric helpers: quality numbers, and the sinks every run writes its per-step records to (DESIGN §6).
+
+A record is a flat dict (`{"step": 12, "stage": "low", "loss": 0.61, "time/data_s": 0.01, ...}`). `MetricSinks`
+fans it out to three places under the same names:
+- `metrics.jsonl`: every key, one JSON object per line (with wall time), flushed so dashboards can tail it;
+- TensorBoard event files (`tensorboard/`, `torch.utils.tensorboard`): numeric keys as scalars, tag = key;
+- a Prometheus endpoint on 127.0.0.1 (`prometheus_client`): numeric keys as gauges named
+  `prometheus_name(prefix, key)`, e.g. `videoar_time_data_s`; its URL is written to `metrics_endpoint`.
+Only one process of a job (rank 0) owns the sinks; the trainer aggregates over ranks before logging.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from data_pipeline.storage import atomic_write_text
+
+log = logging.getLogger(__name__)
+ENDPOINT_FILE = "metrics_endpoint"
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -32,3 +48,84 @@ class JsonlLogger:
 
     def close(self) -> None:
         self._f.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics log; a torn last line (the writer was killed mid-write) is ignored."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def prometheus_name(prefix: str, key: str) -> str:
+    """`videoar` + `time/data_s` -> `videoar_time_data_s` (Prometheus allows [a-zA-Z0-9_:])."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", f"{prefix}_{key}")
+
+
+def numeric(record: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")}
+
+
+class MetricSinks:
+    """JSONL + TensorBoard + Prometheus for one job (see the module docstring).
+
+    `prometheus_port`: 0 = a free port (announced in the log and in `<out_dir>/metrics_endpoint`), -1 = no
+    endpoint. `append`: keep the JSONL of an earlier attempt (a resumed run)."""
+
+    def __init__(self, out_dir: str | Path, prefix: str, append: bool = False, tensorboard: bool = True,
+                 prometheus_port: int = 0):
+        self.out_dir, self.prefix = Path(out_dir), prefix
+        self.jsonl = JsonlLogger(self.out_dir / "metrics.jsonl", append=append)
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"), flush_secs=10)
+        self.url, self._server, self._gauges, self._registry = None, None, {}, None
+        if prometheus_port >= 0:
+            from prometheus_client import CollectorRegistry, start_http_server
+
+            self._registry = CollectorRegistry()
+            try:
+                self._server, _ = start_http_server(prometheus_port, addr="127.0.0.1", registry=self._registry)
+            except OSError as e:
+                raise OSError(f"cannot serve Prometheus metrics on 127.0.0.1:{prometheus_port} ({e}); choose "
+                              "another run.metrics_port (0 = any free port, -1 = off)") from None
+            self.url = f"http://127.0.0.1:{self._server.server_port}/metrics"
+            atomic_write_text(self.out_dir / ENDPOINT_FILE, self.url + "\n")
+            log.info("Prometheus metrics at %s", self.url)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.jsonl.log(record)
+        values = numeric(record)
+        step = int(record.get("step", 0))
+        if self.tb is not None:
+            for key, v in values.items():
+                self.tb.add_scalar(key, v, step)
+        if self._registry is not None:
+            from prometheus_client import Gauge
+
+            for key, v in {"step": float(step), **values}.items():
+                name = prometheus_name(self.prefix, key)
+                if name not in self._gauges:
+                    self._gauges[name] = Gauge(name, f"{self.prefix} {key} (see metrics.jsonl)",
+                                               registry=self._registry)
+                self._gauges[name].set(v)
+
+    def flush(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
