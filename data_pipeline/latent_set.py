@@ -37,6 +37,9 @@ class LatentSet:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
+    def key(self, i: int) -> str:
+        return f"window-{i:06d}"
+
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.tensor(indices, dtype=torch.long)
         cond = self.cond[idx]

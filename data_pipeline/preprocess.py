@@ -11,6 +11,9 @@ Bad inputs (unreadable, truncated, empty, audio-only, too short, too small) are 
 `quarantine.json`; the job exits non-zero only if nothing usable remains. Progress is committed per input under
 `_progress/` right after the shards holding its clips are written, so a re-run (or a run after a crash) skips
 committed inputs and never duplicates a sample.
+
+Metrics (clips/s, bytes/s, quarantine counts) go through the trainer's sinks (JSONL, TensorBoard,
+Prometheus) to the local directory `<run.dir>/preprocess/` (`Meter`), whatever the output store is.
 """
 
 from __future__ import annotations
@@ -179,6 +182,43 @@ class Summary:
     quarantine: list = field(default_factory=list)
 
 
+class Meter:
+    """The progress bar and the metrics of one run: a record whenever an input is done (at most one per `every_s`
+    seconds) and a final one, through `trainer.metrics.MetricSinks` in `<run.dir>/preprocess/`. `step` and
+    `inputs_done` count inputs done, including those committed by earlier runs; `clips`, `bytes` (shard bytes
+    written), `quarantined` and `shards` count this run's work."""
+
+    def __init__(self, cfg, summary: Summary, t0: float, bar: bool, every_s: float = 2.0):
+        from trainer.metrics import MetricSinks
+
+        self.summary, self.t0, self.every_s, self.last = summary, t0, every_s, float("-inf")
+        self.done = summary.skipped
+        self.bar = tqdm(total=summary.inputs - summary.skipped, desc="preprocess", unit="video", disable=not bar)
+        self.sinks = MetricSinks(cfg.run_dir / "preprocess", prefix="preprocess", append=False,
+                                 tensorboard=cfg.run.tensorboard, prometheus_port=cfg.run.metrics_port)
+
+    def input_done(self) -> None:
+        self.done += 1
+        self.bar.update(1)
+        if time.time() - self.last >= self.every_s:
+            self.log()
+
+    def log(self) -> None:
+        s, self.last = self.summary, time.time()
+        elapsed = max(self.last - self.t0, 1e-6)
+        self.sinks.log({"step": self.done, "inputs_done": self.done, "inputs_total": s.inputs, "clips": s.clips,
+                        "clips_per_s": s.clips / elapsed, "bytes": s.bytes, "bytes_per_s": s.bytes / elapsed,
+                        "quarantined": s.quarantined, "shards": s.shards, "elapsed_s": round(elapsed, 3)})
+
+    def close(self) -> None:
+        """The final record; then the sinks are closed."""
+        self.bar.close()
+        try:
+            self.log()
+        finally:
+            self.sinks.close()
+
+
 def _progress_records(store: Store, kind: str) -> dict[str, dict]:
     return {k: json.loads(store.read(k)) for k, _ in store.list(f"{PROGRESS}/{kind}/")}
 
@@ -204,20 +244,23 @@ def preprocess(cfg, progress: bool = True) -> Summary:
     writers = {b.name: BucketWriter(b, 1 + max([int(r["name"][-10:-4]) for r in shards.values()
                                                   if r["name"].startswith(b.name + "/")], default=-1))
                for b in buckets}
-    if not todo and out.exists(MANIFEST):  # everything is committed: write nothing
-        manifest = json.loads(out.read(MANIFEST))
-        summary.total_samples = sum(b["samples"] for b in manifest["buckets"].values())
-        summary.quarantine = json.loads(out.read(QUARANTINE)) if out.exists(QUARANTINE) else []
+    meter = Meter(cfg, summary, t0, progress)
+    try:
+        if not todo and out.exists(MANIFEST):  # everything is committed: write nothing
+            manifest = json.loads(out.read(MANIFEST))
+            summary.total_samples = sum(b["samples"] for b in manifest["buckets"].values())
+            summary.quarantine = json.loads(out.read(QUARANTINE)) if out.exists(QUARANTINE) else []
+        else:
+            if todo:
+                _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint, meter)
+            _write_manifest(out, buckets, tok_hash, summary)
+    finally:
         summary.seconds = time.time() - t0
-        return summary
-    if todo:
-        _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint, progress)
-    _write_manifest(out, buckets, tok_hash, summary)
-    summary.seconds = time.time() - t0
+        meter.close()
     return summary
 
 
-def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint, progress) -> None:
+def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint, meter: Meter) -> None:
     p, v = cfg.preprocess, cfg.videoar
     started_here = not ray.is_initialized()
     if started_here:
@@ -240,7 +283,6 @@ def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint
                                                              p.max_clips_per_video): (k, s) for k, s in todo}
         pending_encode: dict = {}
         waiting: dict[str, dict] = {}  # input id -> what is still open for it
-        bar = tqdm(total=len(todo), desc="preprocess", unit="video", disable=not progress)
         turn = 0
         while pending_decode or pending_encode:
             ready, _ = ray.wait(list(pending_decode) + list(pending_encode), num_returns=1)
@@ -253,7 +295,7 @@ def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint
                     summary.quarantined += 1
                     _commit_input(out, {"id": iid, "input": src.join(key), "status": "quarantined",
                                         "reason": res["quarantine"]})
-                    bar.update(1)
+                    meter.input_done()
                     continue
                 waiting[iid] = {"encodes": len(res["clips"]), "buckets": set(), "key": key, "clips": 0}
                 for bname, clips in res["clips"].items():
@@ -282,13 +324,12 @@ def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint
                     _flush(out, w, waiting, tok_hash, summary)
                 for done_id in list(waiting):
                     if _finish_if_done(out, done_id, waiting, src, summary):
-                        bar.update(1)
+                        meter.input_done()
         for w in writers.values():
             _flush(out, w, waiting, tok_hash, summary)
         for iid in list(waiting):
             if _finish_if_done(out, iid, waiting, src, summary):
-                bar.update(1)
-        bar.close()
+                meter.input_done()
     finally:
         for a in actors:  # actors left alive hold CPUs that later tasks wait for
             ray.kill(a)

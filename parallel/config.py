@@ -16,6 +16,7 @@ class ParallelConfig:
     stage_blocks: list[int] | None = None  # blocks per pipeline stage (sum = depth); None = as even as possible
     activation_checkpointing: bool = False  # recompute each block in backward (less memory, ~1/3 more compute)
     backend: str = "auto"  # auto (gloo on CPU, nccl on CUDA) | gloo | nccl
+    timeout_s: float = 600.0  # a collective waiting longer than this fails (a peer rank is dead or hung)
 
     def __post_init__(self) -> None:
         p = "parallel"
@@ -27,6 +28,7 @@ class ParallelConfig:
               "use parallel.zero_stage=0 with pp > 1")
         check_choice(f"{p}.pp_schedule", self.pp_schedule, ("1f1b", "gpipe"))
         check_choice(f"{p}.backend", self.backend, ("auto", "gloo", "nccl"))
+        check(self.timeout_s > 0, f"{p}.timeout_s", f"must be > 0, got {self.timeout_s}")
         if self.stage_blocks is not None:
             check(len(self.stage_blocks) == self.pp and all(b >= 1 for b in self.stage_blocks),
                   f"{p}.stage_blocks", f"needs pp={self.pp} positive block counts, got {self.stage_blocks}")

@@ -6,9 +6,14 @@
 - `DeepSpeedEngine`: ZeRO stage 1/2/3 data parallelism (pp = 1, any tp) through `deepspeed.initialize` with a
   config built from our YAML; the curriculum's batch sizes are pushed with its public setters.
 Both return the local mean loss and per-token loss/accuracy sums, so the trainer logs the same metrics for all.
+A step whose global gradient norm is not finite is skipped (Megatron's rule): no update, the LR schedule does
+not advance, gradients are dropped; `step()` says whether the update was applied. The norm is reduced over the
+whole model, so every rank takes the same decision.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -130,7 +135,8 @@ class TorchEngine:
         dist.all_reduce(packed, group=_groups().get_pipeline_model_parallel_group())
         return packed[0], packed[1:1 + lv], packed[1 + lv:]
 
-    def step(self) -> float:
+    def step(self) -> tuple[float, bool]:
+        """(global grad norm, whether the update was applied)."""
         params = [p for g in self.opt.param_groups for p in g["params"]]
         if self.topo.dp > 1:
             group = _groups().get_data_parallel_group()
@@ -139,9 +145,12 @@ class TorchEngine:
                     dist.all_reduce(p.grad, group=group)
                     p.grad.div_(self.topo.dp)
         norm = clip_global_grad_norm(params, self.tcfg.grad_clip, self.topo)
+        if not math.isfinite(norm):
+            self.opt.zero_grad(set_to_none=True)
+            return norm, False
         self.opt.step()
         self.sched.step()
-        return norm
+        return norm, True
 
     def set_batch(self, global_batch: int, micro_batch: int) -> None:
         pass
@@ -250,6 +259,7 @@ class DeepSpeedEngine:
             raise RuntimeError(f"{len(micro)} micro-batches but DeepSpeed accumulates "
                                f"{self.engine.gradient_accumulation_steps()}")
         self.engine.train()
+        self._skipped_before = self.engine.skipped_steps
         loss_sum, tl, tc = torch.zeros(()), 0, 0
         for mb in micro:
             logits = self.engine(mb.cond, mb.features, layout, mb.mask, mb.drop)
@@ -259,9 +269,12 @@ class DeepSpeedEngine:
             loss_sum, tl, tc = loss_sum + loss.detach(), tl + token_loss, tc + token_correct
         return loss_sum / len(micro), tl, tc
 
-    def step(self) -> float:
+    def step(self) -> tuple[float, bool]:
+        """The update already happened at the accumulation boundary; DeepSpeed itself skips a step with a
+        non-finite gradient norm (and its LR schedule step) and counts it in `skipped_steps`."""
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        applied = self.engine.skipped_steps == self._skipped_before
+        return (float(norm) if norm is not None else float("nan")), applied
 
     def state_dict(self) -> dict:
         raise NotImplementedError("DeepSpeed engines save with save_checkpoint (see parallel.checkpoint)")

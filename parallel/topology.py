@@ -63,12 +63,13 @@ def init_topology(cfg: ParallelConfig, device: str = "cpu") -> Topology:
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=10))
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=cfg.timeout_s))
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tp, pipeline_model_parallel_size=cfg.pp,
-                                 create_gloo_process_groups=backend != "gloo")
+                                 create_gloo_process_groups=backend != "gloo",
+                                 distributed_timeout_minutes=cfg.timeout_s / 60)
     topo = Topology(rank, world, cfg.tp, cfg.pp, world // (cfg.tp * cfg.pp), ps.get_tensor_model_parallel_rank(),
                     ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
     from parallel.reshard import rank_of
@@ -105,3 +106,18 @@ def data_parallel_group():
     from megatron.core import parallel_state as ps
 
     return ps.get_data_parallel_group()
+
+
+_COLLECTIVE_FAILURE = ("gloo", "nccl", "timed out", "connection closed", "connection reset", "broken pipe")
+
+
+def describe_failure(error: BaseException, topo: Topology, timeout_s: float) -> BaseException:
+    """A failed or timed-out collective as an error naming this rank and its place in the layout (the raw gloo
+    or NCCL message names neither); any other error is returned unchanged."""
+    text = str(error)
+    if not (isinstance(error, dist.DistError) or any(k in text.lower() for k in _COLLECTIVE_FAILURE)):
+        return error
+    return RuntimeError(
+        f"rank {topo.rank} of {topo.world} (tp {topo.tp_rank}, dp {topo.dp_rank}, pp {topo.pp_rank}): a collective "
+        f"failed or waited longer than parallel.timeout_s={timeout_s:g} s; another rank has probably died or hung "
+        f"(see its log). Cause: {text.splitlines()[0] if text else type(error).__name__}")

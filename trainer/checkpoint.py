@@ -4,6 +4,10 @@ A step directory is built under a temporary name, each shard is fsynced and hash
 step, sha256 per shard, config) is the commit marker, then the directory is renamed into place and `latest` is
 updated. Resume picks the newest committed step, verifies every checksum and falls back to the previous step
 when one is corrupted. Shards are loaded with `torch.load(weights_only=True)`: no pickled code runs.
+
+Async save (`AsyncSaver`): the state is copied to CPU memory (the only stall), and a background thread writes
+the shard; in a multi-rank job rank 0's thread waits until every rank's shard exists under its final name (each
+is renamed into place only after fsync) and then commits. One save is in flight at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import json
 import logging
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -122,10 +128,71 @@ def read_checkpoint(directory: str | Path, wanted: Wanted = None
 
 def load_latest(root: str | Path, wanted: Wanted = None
                 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
-    """The newest committed step that verifies, falling back to older ones; None when there is none."""
-    for step in reversed(committed_steps(root)):
+    """The newest committed step that verifies, falling back to older ones (with a warning saying why);
+    None when there is none."""
+    steps = committed_steps(root)
+    for i in range(len(steps) - 1, -1, -1):
         try:
-            return read_checkpoint(step_dir(root, step), wanted)
+            return read_checkpoint(step_dir(root, steps[i]), wanted)
         except ValueError as e:
-            log.warning("skipping checkpoint step %d: %s", step, e)
+            fallback = f"falling back to step {steps[i - 1]}" if i else "no older checkpoint: starting afresh"
+            log.warning("checkpoint step %d is unusable: %s; %s", steps[i], e, fallback)
     return None
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of a (nested) state dict whose tensors are detached CPU copies: training may change the
+    originals while the copy is written."""
+    if torch.is_tensor(state):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: snapshot(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(v) for v in state)
+    return state
+
+
+def wait_for_shards(tmp: Path, names: list[str], timeout_s: float) -> None:
+    """Block until every named shard exists in `tmp` (renamed into place after fsync by its rank)."""
+    deadline = time.monotonic() + timeout_s
+    while missing := [n for n in names if not (tmp / n).is_file()]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{tmp}: shards {missing[:4]} not written within {timeout_s:.0f} s; their ranks "
+                               "probably died, so this checkpoint stays uncommitted")
+        time.sleep(0.02)
+
+
+class AsyncSaver:
+    """Runs one checkpoint write at a time in a background thread; `wait()` joins it and re-raises its error."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    def submit(self, fn: Callable[[], Any]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                self._result = fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> Any:
+        """The finished save's result (e.g. the committed path; None on ranks that do not commit)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"asynchronous checkpoint save failed: {error}") from error
+        result, self._result = self._result, None
+        return result

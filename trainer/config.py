@@ -116,10 +116,13 @@ class VideoARTrainConfig:
     ckpt_every: int = 100  # also at every stage switch and at the end
     keep_last: int = 3  # committed checkpoints kept
     resume: bool = True  # continue from the newest committed checkpoint in <run.dir>/videoar/checkpoints
+    async_save: bool = False  # periodic checkpoints written by a background thread (ZeRO-0 engine only)
+    max_nonfinite_steps: int = 5  # a step with non-finite gradients is skipped; this many in a row stop the run
+    sample_ledger: bool = False  # each rank appends the sample keys of every step to samples/rank-XXXXX.jsonl
 
     def __post_init__(self) -> None:
         p = "videoar_train"
-        for name in ("steps", "log_every", "ckpt_every", "keep_last"):
+        for name in ("steps", "log_every", "ckpt_every", "keep_last", "max_nonfinite_steps"):
             check(getattr(self, name) >= 1, f"{p}.{name}", f"must be >= 1, got {getattr(self, name)}")
         check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, f"{p}.lr/min_lr_ratio", "need lr > 0, ratio in [0, 1]")
         check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")

@@ -50,3 +50,23 @@ def train_step_flops(cfg: VideoARConfig, latent_dim: int, layout: SequenceLayout
     gradient per forward GEMM). Slightly over the real count: the input features and text states need no
     gradient, so the input-gradient GEMMs of `input_proj` and `cond_proj` never run (tests/test_flops.py)."""
     return 3 * forward_flops(cfg, latent_dim, layout, batch)
+
+
+def measure_peak_flops(device: str = "cpu", n: int = 2048, repeats: int = 3) -> float:
+    """This device's dense fp32 GEMM rate (FLOP/s, best of `repeats` n x n x n products): the MFU denominator
+    when `run.peak_flops` is not given. On a shared CPU it is what the process can get, not the datasheet."""
+    import time
+
+    import torch
+
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = float("inf")
+    for i in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        if i:  # the first product warms up
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best

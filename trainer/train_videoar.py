@@ -5,8 +5,10 @@
 
 Needs a trained tokenizer (videoar_train.tokenizer_ckpt, e.g. from `python -m trainer.train_tokenizer`). Each
 curriculum stage's clips are encoded once into <run.dir>/videoar/latents/. Writes <run.dir>/videoar/:
-config.yaml, metrics.jsonl, checkpoints/step-XXXXXXXX/ (+ `latest`). A rerun resumes from the newest committed
-checkpoint (videoar_train.resume=false starts afresh) and continues exactly where it stopped.
+config.yaml, metrics.jsonl + tensorboard/ + a Prometheus endpoint (URL in metrics_endpoint; run.metrics_port),
+checkpoints/step-XXXXXXXX/ (+ `latest`). A rerun resumes from the newest committed checkpoint
+(videoar_train.resume=false starts afresh) and continues exactly where it stopped. `python -m jobs.status
+RUN_DIR` summarises a running or finished run.
 """
 
 from __future__ import annotations
@@ -29,17 +31,25 @@ from models.videoar import VideoAR
 from parallel.engine import TorchEngine
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import barrier, broadcast_object, data_parallel_group, destroy_topology, init_topology
+from parallel.topology import describe_failure
 from parallel.consolidate import SINGLE, model_shards
 from parallel.reshard import assemble
-from trainer.checkpoint import begin_checkpoint, commit_checkpoint, load_latest, save_checkpoint, step_dir, write_shard
+from trainer.checkpoint import (AsyncSaver, begin_checkpoint, commit_checkpoint, load_latest, snapshot, step_dir,
+                                wait_for_shards, write_shard)
 from trainer.config import Config, config_arg_parser, config_from_args, config_to_dict, save_config
 from trainer.curriculum import Curriculum, StageConfig
-from trainer.metrics import JsonlLogger
+from trainer.flops import measure_peak_flops, train_step_flops
+from trainer.metrics import JsonlLogger, MetricSinks
 from trainer.objective import breakdown, prepare_batch, sample_generator
 from trainer.preemption import EXIT_PREEMPTED, PreemptionFlag
+from trainer.step_metrics import PER_RANK, max_over_ranks, peak_memory_gb, throughput
 from trainer.tokenizer_ckpt import WEIGHTS, load_tokenizer
 
 log = logging.getLogger("train_videoar")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
 @dataclass
@@ -128,8 +138,15 @@ class VideoARTrainer:
             self.engine = TorchEngine(self.model, self.topo, cfg.parallel, cfg.videoar_train,
                                       self.curriculum.total_steps, self.device)
         self.step = 0
+        self.consumed_tokens = 0  # video tokens of every sample consumed, over all stages
+        self.skipped_steps = 0  # steps skipped for a non-finite gradient norm, over the run
+        self.nonfinite_run = 0  # ... in a row, up to the last step
         self._stage_index, self._data, self._quantizer = -1, None, None
         self.ckpt_dir = out_dir(cfg) / "checkpoints"
+        self.saver = AsyncSaver()
+        self.peak_flops = cfg.run.peak_flops or broadcast_object(measure_peak_flops(cfg.run.device))
+        self.ledger = None  # sample keys per step (videoar_train.sample_ledger)
+        self._last_checkpoint: Path | None = None
 
     # -- state ---------------------------------------------------------------------------------------------
     @property
@@ -142,7 +159,7 @@ class VideoARTrainer:
 
     def state_dict(self) -> dict:
         state = {"curriculum": self.curriculum.state_dict(), "rng": {"torch": torch.get_rng_state()},
-                 "step": self.step}
+                 "step": self.step, "consumed_tokens": self.consumed_tokens, "skipped_steps": self.skipped_steps}
         if not isinstance(self.engine, TorchEngine):
             return state
         return {**self.engine.state_dict(), **state}
@@ -150,25 +167,51 @@ class VideoARTrainer:
     def load_state_dict(self, state: dict, source: str) -> None:
         """Trainer state (step, curriculum, RNG) of a checkpoint shard; the engine is loaded separately."""
         self.step = int(state["step"])
+        self.consumed_tokens = int(state.get("consumed_tokens", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.curriculum.load_state_dict(state["curriculum"], self.step)
         torch.set_rng_state(state["rng"]["torch"])
 
-    def save(self) -> Path:
+    def save(self, blocking: bool = True) -> Path | None:
+        """Checkpoint the current step; returns the committed directory. `blocking=False` (ZeRO-0 engine) copies
+        the state and returns None at once: a background thread writes it and rank 0 commits it when every
+        rank's shard is durable; `wait_for_save` joins it."""
+        previous = self.saver.wait()  # one save in flight at a time
         stage = self.curriculum.stage(max(0, self.step - 1))
         topo = self.topo
         meta = {"config": config_to_dict(self.cfg), "stage": stage.name, "world_size": topo.world,
                 "layout": self.layout}
-        keep = self.cfg.videoar_train.keep_last
-        if not topo.distributed:
-            return save_checkpoint(self.ckpt_dir, self.step, {self.shard_name: self.state_dict()}, meta, keep)
-        tmp = begin_checkpoint(self.ckpt_dir, self.step) if topo.rank == 0 else None
+        keep, step = self.cfg.videoar_train.keep_last, self.step
+        tmp = begin_checkpoint(self.ckpt_dir, step) if topo.rank == 0 else None
         tmp = broadcast_object(tmp)
+        if not blocking and isinstance(self.engine, TorchEngine):
+            state, names = snapshot(self.state_dict()), [f"rank-{r:05d}.pt" for r in range(topo.world)]
+            timeout = self.cfg.parallel.timeout_s
+
+            def write_and_commit() -> Path | None:
+                write_shard(tmp, self.shard_name, state)
+                if topo.rank != 0:
+                    return None
+                wait_for_shards(tmp, names, timeout)
+                return commit_checkpoint(self.ckpt_dir, step, tmp, meta, keep)
+
+            self.saver.submit(write_and_commit)
+            self._last_checkpoint = previous or self._last_checkpoint
+            return None
         write_shard(tmp, self.shard_name, self.state_dict())
         if not isinstance(self.engine, TorchEngine):
             self.engine.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
         barrier()  # every shard is on disk before the commit marker
-        final = commit_checkpoint(self.ckpt_dir, self.step, tmp, meta, keep) if topo.rank == 0 else None
-        return broadcast_object(final)
+        final = commit_checkpoint(self.ckpt_dir, step, tmp, meta, keep) if topo.rank == 0 else None
+        self._last_checkpoint = broadcast_object(final)
+        return self._last_checkpoint
+
+    def wait_for_save(self) -> Path | None:
+        """Join an asynchronous save; every rank returns the newest committed checkpoint directory."""
+        done = self.saver.wait()
+        barrier()
+        self._last_checkpoint = broadcast_object(done) or self._last_checkpoint
+        return self._last_checkpoint
 
     def maybe_resume(self) -> bool:
         if not self.cfg.videoar_train.resume:
@@ -223,6 +266,7 @@ class VideoARTrainer:
         self._stage_index = index
 
     def train_step(self) -> dict:
+        """One optimizer step; the record has the loss breakdown and this rank's phase times."""
         t, cur, topo = self.cfg.videoar_train, self.curriculum, self.topo
         index = cur.index(self.step)
         self._enter_stage(index)
@@ -236,62 +280,119 @@ class VideoARTrainer:
             upcoming = global_batch(len(data), self.cfg.run.seed, cur.consumed[index] + stage.global_batch,
                                     stage.global_batch)
             data.prefetch([upcoming[j] for j in positions])
+        t1 = time.perf_counter()
         layout = self.model.layout_for(lat.shape[1], q.sizes)
         gens = [sample_generator(self.cfg.run.seed, self.step, j) for j in positions]
         batch = prepare_batch(q, layout, lat.to(self.device), cond.to(self.device), stage, self.cfg.videoar.cond_drop,
                               p_max, t.flip_p_min, t.flip_delta, gens)
+        t2 = time.perf_counter()
         lr = self.engine.lr
         loss, token_loss, token_correct = self.engine.forward_backward(batch.split(stage.micro_batch), layout)
-        grad_norm = self.engine.step()
+        t3 = time.perf_counter()
+        grad_norm, applied = self.engine.step()
         flip = batch.flip_ratio.sum()
         if topo.dp > 1:  # metrics over the global batch
             packed = torch.cat([loss.view(1) / topo.dp, flip.view(1), token_loss, token_correct])
             dist.all_reduce(packed, group=data_parallel_group())
             lv = token_loss.numel()
             loss, flip, token_loss, token_correct = packed[0], packed[1], packed[2:2 + lv], packed[2 + lv:]
+        t4 = time.perf_counter()
+        if self.ledger is not None:  # what this rank's loader actually delivered for this step
+            self.ledger.log({"step": self.step + 1, "keys": [data.key(indices[j]) for j in positions]})
         cur.record(self.step, stage.global_batch)
+        video_tokens = layout.length - layout.prefix_len
+        self.consumed_tokens += stage.global_batch * video_tokens
         self.step += 1
-        elapsed = time.perf_counter() - t0
+        self.skipped_steps += not applied
+        self.nonfinite_run = 0 if applied else self.nonfinite_run + 1
         frame_ids, scale_ids = (x[layout.prefix_len:] for x in layout.token_ids())
-        return {"step": self.step, "stage": stage.name, "loss": float(loss),
+        return {"step": self.step, "total_steps": cur.total_steps, "stage": stage.name, "stage_index": index,
+                "loss": float(loss),
                 **breakdown(token_loss, token_correct, stage.global_batch, q.dim, frame_ids, scale_ids),
-                "grad_norm": grad_norm, "lr": lr, "flip_p_max": p_max, "flip_ratio": float(flip) / stage.global_batch,
-                "tokens_per_s": stage.global_batch * (layout.length - layout.prefix_len) / elapsed,
-                "step_time_s": elapsed}
+                "grad_norm": grad_norm, "lr": lr, "skipped_steps": self.skipped_steps, "flip_p_max": p_max,
+                "flip_ratio": float(flip) / stage.global_batch, "frame_mask_p": stage.p_mask,
+                "consumed_samples": sum(cur.consumed), "consumed_tokens": self.consumed_tokens,
+                "tokens": stage.global_batch * video_tokens,
+                "model_flops": train_step_flops(self.cfg.videoar, self.cfg.tokenizer.latent_dim, layout,
+                                                stage.global_batch),
+                "time/data_s": t1 - t0, "time/prepare_s": t2 - t1, "time/fwd_bwd_s": t3 - t2,
+                "time/optimizer_s": t4 - t3, "time/checkpoint_s": 0.0}
+
+    def finish_record(self, rec: dict) -> dict:
+        """Phase times and memory as maxima over ranks (a collective: every rank calls it at the same step),
+        then throughput and MFU."""
+        rss, device_mem = peak_memory_gb(self.device)
+        rec = {**rec, "mem/peak_rss_gb": rss, "mem/peak_device_gb": device_mem}
+        rec.update(max_over_ranks({k: rec[k] for k in PER_RANK}))
+        rec.update(throughput(rec, self.topo.world, self.peak_flops))
+        return rec
+
+    def _fail_nonfinite(self) -> None:
+        k = self.nonfinite_run
+        path = self.save()
+        raise NonFiniteError(
+            f"{k} consecutive steps ({self.step - k + 1}..{self.step}) had a non-finite loss or gradient norm and "
+            f"were skipped (videoar_train.max_nonfinite_steps={self.cfg.videoar_train.max_nonfinite_steps}); "
+            f"stopping. {path} holds the last good weights (unchanged since step {self.step - k}). Lower "
+            "videoar_train.lr, check the data, or train in fp32 before resuming.")
 
     def train(self, max_steps: int | None = None) -> VideoARRun:
         """Train until the curriculum ends (or `max_steps` total completed steps), checkpointing on the way."""
-        t, cur = self.cfg.videoar_train, self.curriculum
-        main_rank = self.topo.rank == 0
+        t, cur, topo = self.cfg.videoar_train, self.curriculum, self.topo
+        main_rank = topo.rank == 0
+        out = out_dir(self.cfg)
         if main_rank:
-            out_dir(self.cfg).mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, out_dir(self.cfg) / "config.yaml")
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, out / "config.yaml")
         resumed = self.maybe_resume()
-        run = VideoARRun(self.step, self.step, metrics=out_dir(self.cfg) / "metrics.jsonl")
+        run = VideoARRun(self.step, self.step, metrics=out / "metrics.jsonl")
         end = cur.total_steps if max_steps is None else min(max_steps, cur.total_steps)
-        metrics = JsonlLogger(run.metrics, append=resumed) if main_rank else None
+        sinks = MetricSinks(out, "videoar", append=resumed, tensorboard=self.cfg.run.tensorboard,
+                            prometheus_port=self.cfg.run.metrics_port) if main_rank else None
+        if t.sample_ledger:
+            self.ledger = JsonlLogger(out / "samples" / f"rank-{topo.rank:05d}.jsonl", append=resumed)
         bar = tqdm(total=end, initial=self.step, desc="videoar", unit="step", disable=not self.progress,
                    mininterval=0.5 if sys.stderr.isatty() else 20.0)
         preemption = PreemptionFlag().install()
-        while self.step < end:
-            rec = self.train_step()
-            run.losses.append(rec["loss"])
-            bar.update(1)
-            bar.set_postfix(stage=rec["stage"], loss=f"{rec['loss']:.4f}", acc=f"{rec['bit_acc']:.3f}")
-            if metrics and (self.step % t.log_every == 0 or self.step == end):
-                metrics.log(rec)
-            switch = cur.index(self.step) != cur.index(self.step - 1)
-            if preemption.agreed():  # every rank stops after the same step
-                run.checkpoint, run.preempted = self.save(), True
-                log.warning("preempted (%s) after step %d: checkpoint %s", preemption.signal_name or "another rank",
-                            self.step, run.checkpoint)
-                break
-            if self.step % t.ckpt_every == 0 or self.step == end or switch:
-                run.checkpoint = self.save()
-        preemption.uninstall()
-        bar.close()
-        if metrics:
-            metrics.close()
+        try:
+            while self.step < end:
+                rec = self.train_step()
+                run.losses.append(rec["loss"])
+                bar.update(1)
+                bar.set_postfix(stage=rec["stage"], loss=f"{rec['loss']:.4f}", acc=f"{rec['bit_acc']:.3f}")
+                if self.nonfinite_run >= t.max_nonfinite_steps:
+                    if sinks:
+                        sinks.log(rec)
+                    self._fail_nonfinite()
+                switch = cur.index(self.step) != cur.index(self.step - 1)
+                if preemption.agreed():  # every rank stops after the same step
+                    run.checkpoint, run.preempted = self.save(), True
+                    log.warning("preempted (%s) after step %d: checkpoint %s",
+                                preemption.signal_name or "another rank", self.step, run.checkpoint)
+                    break
+                t_ckpt = time.perf_counter()
+                if self.step % t.ckpt_every == 0 or self.step == end or switch:
+                    # the last checkpoint of the run is synchronous: the run ends with it committed
+                    run.checkpoint = self.save(blocking=not t.async_save or self.step == end)
+                rec["time/checkpoint_s"] = time.perf_counter() - t_ckpt
+                if self.step % t.log_every == 0 or self.step == end:
+                    rec = self.finish_record(rec)
+                    if sinks:
+                        sinks.log(rec)
+            run.checkpoint = self.wait_for_save() or run.checkpoint
+        except RuntimeError as e:
+            described = describe_failure(e, topo, self.cfg.parallel.timeout_s) if topo.distributed else e
+            if described is e:
+                raise
+            log.error("%s", described)
+            raise described from e
+        finally:
+            preemption.uninstall()
+            bar.close()
+            if sinks:
+                sinks.close()
+            if self.ledger:
+                self.ledger.close()
         run.step = self.step
         return run
 
@@ -308,7 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args, parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     trainer = VideoARTrainer(cfg)
-    run = trainer.train(args.max_steps)
+    try:
+        run = trainer.train(args.max_steps)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     rank = trainer.topo.rank
     destroy_topology()
     if run.preempted:
