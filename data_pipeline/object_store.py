@@ -3,8 +3,11 @@
 Keys are '/'-separated paths relative to the store's root. Writes are atomic for readers: local files go to a
 temp name and are renamed; S3 objects are uploaded under a temp key and copied to the final key (a reader never
 sees a partial object; the manifest, written last, is the commit point). S3 endpoint and credentials come from
-`AWS_ENDPOINT_URL` / `AWS_*` environment variables or the standard AWS config files (never logged or stored);
-retries with exponential backoff are botocore's "standard" mode.
+`AWS_ENDPOINT_URL` / `AWS_*` environment variables or the standard AWS config files (never logged or stored).
+Retries are botocore's "standard" mode (connection errors, timeouts, 5xx, throttling; exponential backoff with
+jitter starting at 50 ms, at most 20 s per wait). Its budget is `AWS_MAX_ATTEMPTS` (botocore's variable), by default
+`MAX_ATTEMPTS`: 15 attempts ride out an endpoint outage of about a minute (the waits add up to ~63 s on average)
+before the call fails.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Iterator
 
 from data_pipeline.storage import atomic_write_bytes
+
+MAX_ATTEMPTS = 15  # botocore's default of 3 (waits of ~0.1 s) fails on a restart of the endpoint
 
 
 class Store:
@@ -92,8 +97,10 @@ class S3Store(Store):
         if not bucket:
             raise ValueError(f"{url}: missing bucket name (s3://bucket/prefix)")
         self.url, self.bucket, self.prefix = url.rstrip("/"), bucket, prefix.strip("/")
+        attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or MAX_ATTEMPTS)
         self.client = boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
-                                   config=Config(retries={"max_attempts": 8, "mode": "standard"}))
+                                   config=Config(retries={"max_attempts": attempts, "mode": "standard"},
+                                                 connect_timeout=10))
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key

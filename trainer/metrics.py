@@ -80,12 +80,7 @@ class MetricSinks:
     def __init__(self, out_dir: str | Path, prefix: str, append: bool = False, tensorboard: bool = True,
                  prometheus_port: int = 0):
         self.out_dir, self.prefix = Path(out_dir), prefix
-        self.jsonl = JsonlLogger(self.out_dir / "metrics.jsonl", append=append)
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"), flush_secs=10)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.url, self._server, self._gauges, self._registry = None, None, {}, None
         if prometheus_port >= 0:
             from prometheus_client import CollectorRegistry, start_http_server
@@ -99,6 +94,12 @@ class MetricSinks:
             self.url = f"http://127.0.0.1:{self._server.server_port}/metrics"
             atomic_write_text(self.out_dir / ENDPOINT_FILE, self.url + "\n")
             log.info("Prometheus metrics at %s", self.url)
+        self.jsonl = JsonlLogger(self.out_dir / "metrics.jsonl", append=append)
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"), flush_secs=10)
 
     def log(self, record: dict[str, Any]) -> None:
         self.jsonl.log(record)

@@ -336,8 +336,9 @@ class VideoARTrainer:
             f"stopping. {path} holds the last good weights (unchanged since step {self.step - k}). Lower "
             "videoar_train.lr, check the data, or train in fp32 before resuming.")
 
-    def train(self, max_steps: int | None = None) -> VideoARRun:
-        """Train until the curriculum ends (or `max_steps` total completed steps), checkpointing on the way."""
+    def train(self, max_steps: int | None = None, sinks: MetricSinks | None = None) -> VideoARRun:
+        """Train until the curriculum ends (or `max_steps` total completed steps), checkpointing on the way.
+        Rank 0 logs to `sinks` (left open, e.g. to scrape them afterwards) or to its own, closed at the end."""
         t, cur, topo = self.cfg.videoar_train, self.curriculum, self.topo
         main_rank = topo.rank == 0
         out = out_dir(self.cfg)
@@ -347,8 +348,10 @@ class VideoARTrainer:
         resumed = self.maybe_resume()
         run = VideoARRun(self.step, self.step, metrics=out / "metrics.jsonl")
         end = cur.total_steps if max_steps is None else min(max_steps, cur.total_steps)
-        sinks = MetricSinks(out, "videoar", append=resumed, tensorboard=self.cfg.run.tensorboard,
-                            prometheus_port=self.cfg.run.metrics_port) if main_rank else None
+        own_sinks = sinks is None and main_rank
+        if own_sinks:
+            sinks = MetricSinks(out, "videoar", append=resumed, tensorboard=self.cfg.run.tensorboard,
+                                prometheus_port=self.cfg.run.metrics_port)
         if t.sample_ledger:
             self.ledger = JsonlLogger(out / "samples" / f"rank-{topo.rank:05d}.jsonl", append=resumed)
         bar = tqdm(total=end, initial=self.step, desc="videoar", unit="step", disable=not self.progress,
@@ -389,8 +392,10 @@ class VideoARTrainer:
         finally:
             preemption.uninstall()
             bar.close()
-            if sinks:
+            if own_sinks:
                 sinks.close()
+            elif sinks:
+                sinks.flush()
             if self.ledger:
                 self.ledger.close()
         run.step = self.step
