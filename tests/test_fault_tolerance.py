@@ -1,0 +1,133 @@
+"""Failures the trainer survives (issue 7): non-finite steps, a corrupted newest checkpoint, asynchronous saves,
+and a hung rank. (The kill -9 chaos test is tests/test_chaos.py; object-store outages tests/test_s3_faults.py.)"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+
+from parallel.launch import run_local
+from tests.conftest import make_cfg
+from trainer.checkpoint import committed_steps, read_checkpoint, step_dir
+from trainer.metrics import read_jsonl
+from trainer.train_videoar import NonFiniteError, VideoARTrainer
+
+PEAK = "run.peak_flops=1e9"  # skip the start-up GEMM measurement
+
+
+def poison_gradients(trainer: VideoARTrainer, bad_steps: set[int]) -> None:
+    """NaN gradients (through a backward hook on the head) while `trainer.step` is in `bad_steps`."""
+    trainer.model.head.weight.register_hook(lambda g: g * float("nan") if trainer.step in bad_steps else g)
+
+
+def weights(trainer: VideoARTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_a_non_finite_step_is_skipped_and_counted(clips_dir, tokenizer_ckpt, tmp_path):
+    cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path, "videoar_train.steps=5", PEAK)
+    trainer = VideoARTrainer(cfg, progress=False)
+    poison_gradients(trainer, {2})  # the third step
+    trainer.train(max_steps=2)
+    before, lr_steps = weights(trainer), trainer.engine.sched.last_epoch
+    trainer.train(max_steps=3)
+    after = weights(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no update
+    assert trainer.engine.sched.last_epoch == lr_steps  # the LR schedule did not advance
+    assert trainer.skipped_steps == 1
+    run = trainer.train()
+    assert run.step == 5 and all(torch.isfinite(torch.tensor(run.losses)))
+    records = {r["step"]: r for r in read_jsonl(tmp_path / "videoar" / "metrics.jsonl")}
+    assert [records[s]["skipped_steps"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
+    assert records[3]["grad_norm"] != records[3]["grad_norm"]  # NaN, logged as such
+
+
+def test_k_non_finite_steps_in_a_row_stop_with_a_checkpoint_of_the_last_good_state(clips_dir, tokenizer_ckpt,
+                                                                                   tmp_path):
+    cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path, "videoar_train.steps=8", "videoar_train.max_nonfinite_steps=3",
+                   PEAK)
+    trainer = VideoARTrainer(cfg, progress=False)
+    poison_gradients(trainer, set(range(2, 8)))
+    trainer.train(max_steps=2)
+    good = weights(trainer)
+    with pytest.raises(NonFiniteError, match=r"3 consecutive steps \(3\.\.5\).*max_nonfinite_steps=3.*"
+                                             r"step-00000005 holds the last good weights \(unchanged since step 2\)"):
+        trainer.train()
+    assert trainer.skipped_steps == 3 and committed_steps(tmp_path / "videoar" / "checkpoints")[-1] == 5
+    _, shards = read_checkpoint(step_dir(tmp_path / "videoar" / "checkpoints", 5))
+    saved = shards["rank-00000.pt"]
+    assert saved["skipped_steps"] == 3
+    assert all(torch.equal(saved["model"][k], good[k]) for k in good)
+    assert read_jsonl(tmp_path / "videoar" / "metrics.jsonl")[-1]["skipped_steps"] == 3
+
+
+def test_a_truncated_shard_of_the_newest_checkpoint_falls_back_to_the_previous_one(clips_dir, tokenizer_ckpt,
+                                                                                   tmp_path, caplog):
+    cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path, "videoar_train.steps=4", "videoar_train.ckpt_every=2", PEAK)
+    ref = VideoARTrainer(cfg, progress=False).train()
+    root = tmp_path / "videoar" / "checkpoints"
+    assert committed_steps(root) == [2, 4]
+    shard = step_dir(root, 4) / "rank-00000.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    resumed = VideoARTrainer(cfg, progress=False)
+    with caplog.at_level(logging.WARNING):
+        run = resumed.train()
+    assert run.start_step == 2
+    assert (f"checkpoint step 4 is unusable: {shard}: checksum mismatch (corrupted or partially written); "
+            "falling back to step 2") in caplog.text
+    assert run.losses == ref.losses[2:]  # exact: the resumed run redoes steps 3 and 4
+
+
+def test_async_save_commits_what_a_synchronous_save_commits(clips_dir, tokenizer_ckpt, tmp_path):
+    shards = {}
+    for mode in ("false", "true"):
+        cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path / mode, "videoar_train.steps=5",
+                       "videoar_train.ckpt_every=2", f"videoar_train.async_save={mode}", PEAK)
+        run = VideoARTrainer(cfg, progress=False).train()
+        root = tmp_path / mode / "videoar" / "checkpoints"
+        assert committed_steps(root) == [2, 4, 5] and run.checkpoint == step_dir(root, 5)
+        shards[mode] = {s: read_checkpoint(step_dir(root, s))[1]["rank-00000.pt"] for s in (2, 4, 5)}
+    for s in (2, 4, 5):
+        sync, asyn = shards["false"][s], shards["true"][s]
+        assert sync["step"] == asyn["step"] == s
+        for name in sync["model"]:
+            assert torch.equal(sync["model"][name], asyn["model"][name]), (s, name)
+        for name, state in sync["optim"].items():
+            assert torch.equal(state["exp_avg_sq"], asyn["optim"][name]["exp_avg_sq"]), (s, name)
+
+
+def _hang_rank_one(rank: int, world: int, clips_dir, tokenizer_ckpt, run_dir, report) -> None:
+    cfg = make_cfg(clips_dir, tokenizer_ckpt, run_dir, "parallel.timeout_s=3", PEAK,
+                   "curriculum=[{name: main, until_step: 4, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
+                   "global_batch: 4, micro_batch: 2}]")
+    trainer = VideoARTrainer(cfg, progress=False)
+    step = trainer.train_step
+
+    def train_step():
+        if rank == 1 and trainer.step == 2:
+            time.sleep(8)  # hung: never joins the step's gradient all-reduce in time
+        return step()
+
+    trainer.train_step = train_step
+    try:
+        trainer.train()
+        outcome = "finished"
+    except RuntimeError as e:
+        outcome = str(e)
+    (report / f"rank{rank}.txt").write_text(outcome)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_makes_a_collective_time_out_with_an_error_naming_the_rank(clips_dir, tokenizer_ckpt, tmp_path):
+    report = tmp_path / "report"
+    report.mkdir()
+    run_local(2, _hang_rank_one, clips_dir, tokenizer_ckpt, tmp_path / "run", report)
+    message = (report / "rank0.txt").read_text()
+    assert message.startswith("rank 0 of 2 (tp 0, dp 0, pp 0): a collective failed or waited longer than "
+                              "parallel.timeout_s=3 s; another rank has probably died or hung"), message
+    assert "Timed out" in message
+    assert (report / "rank1.txt").read_text() != "finished"
