@@ -82,7 +82,9 @@ class ShardSet:
         elif "cls" in samples[0]:
             cond = torch.tensor([s["cls"] for s in samples], dtype=torch.long)
         else:
-            raise ValueError(f"{self.store.url}: samples carry neither text states nor class ids")
+            raise ValueError(f"{self.store.url}: samples carry neither text states nor class ids. For "
+                             "videoar.cond=class, preprocess inputs with a `<stem>.json` sidecar holding an integer "
+                             "\"class\"; for videoar.cond=text, preprocess with that config (text states are stored)")
         return latents, cond
 
     def close(self) -> None:
