@@ -3,19 +3,20 @@
     python tests/restartable_s3.py PORT
 
 prints `ok` once it serves on 127.0.0.1:PORT, then reads commands from stdin and answers `ok` after each:
-- `stop`: stops serving, closes the listening socket (new connections are refused) and every open connection
-  (keep-alive clients see them closed);
+- `stop`: stops serving, cuts every open connection (requests in flight get no answer, as when a server dies) and
+  closes the listening socket; it checks that new connections are refused before answering;
 - `start`: serves again on the same port.
 End of stdin stops it. The objects live in this process's memory (moto has no persistent storage) and survive a
-`stop`/`start`: this models an endpoint outage, not a loss of the stored data.
+`stop`/`start`: this models an outage of the endpoint, not a loss of stored data.
 
-It serves moto's own WSGI app with moto's request handler, as `moto.server.ThreadedMotoServer` does; that class
-only shuts down the serve loop and leaves the socket listening (clients would hang instead of being refused) and
-its keep-alive handler threads serving, so the server here keeps track of its connections.
+It serves moto's WSGI app with moto's request handler, as `moto.server.ThreadedMotoServer` does, but that class's
+`stop` is graceful (it waits for the requests in flight) and leaves closing the socket to werkzeug's serve loop;
+this server tracks its connections so that `stop` can cut them, and closes the socket itself.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 import threading
@@ -70,9 +71,15 @@ class RestartableS3:
         self.server.close_connections()
         self.server.server_close()  # the listening socket: connections are refused from now on
         self.server = None
+        try:
+            socket.create_connection((self.host, self.port), timeout=1).close()
+        except ConnectionRefusedError:
+            return
+        raise RuntimeError(f"{self.host}:{self.port} still accepts connections after stop")
 
 
 def main() -> None:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     server = RestartableS3("127.0.0.1", int(sys.argv[1]))
     server.start()
     print("ok", flush=True)
