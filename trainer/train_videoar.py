@@ -13,7 +13,6 @@ RUN_DIR` summarises a running or finished run.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 import time
@@ -25,18 +24,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data_pipeline.clips import load_clip_folder
-from data_pipeline.latent_set import LatentSet, cache_key, encode_latent_set, load_latent_set, save_latent_set
+from data_pipeline.latent_set import cache_key, encode_latent_set, load_latent_set, save_latent_set
 from data_pipeline.order import global_batch, rank_slice
 from models.videoar import VideoAR
 from parallel.engine import TorchEngine
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import barrier, broadcast_object, data_parallel_group, destroy_topology, init_topology
 from parallel.topology import describe_failure
-from parallel.consolidate import SINGLE, model_shards
-from parallel.reshard import assemble
-from trainer.checkpoint import (AsyncSaver, begin_checkpoint, commit_checkpoint, load_latest, snapshot, step_dir,
-                                wait_for_shards, write_shard)
-from trainer.config import Config, config_arg_parser, config_from_args, config_to_dict, save_config
+from trainer.checkpoint import AsyncSaver
+from trainer.config import Config, config_arg_parser, config_from_args, save_config
 from trainer.curriculum import Curriculum, StageConfig
 from trainer.flops import measure_peak_flops, train_step_flops
 from trainer.metrics import JsonlLogger, MetricSinks
@@ -44,6 +40,7 @@ from trainer.objective import breakdown, prepare_batch, sample_generator
 from trainer.preemption import EXIT_PREEMPTED, PreemptionFlag
 from trainer.step_metrics import PER_RANK, max_over_ranks, peak_memory_gb, throughput
 from trainer.tokenizer_ckpt import WEIGHTS, load_tokenizer
+from trainer.videoar_checkpoints import TrainerCheckpoints
 
 log = logging.getLogger("train_videoar")
 
@@ -107,7 +104,7 @@ def stage_data(cfg: Config, tokenizer, stage: StageConfig, progress: bool):
     return ds
 
 
-class VideoARTrainer:
+class VideoARTrainer(TrainerCheckpoints):
     """Owns the model, the engine (optimizer, LR schedule, parallel layout), the curriculum and the data position;
     `state_dict` gathers them for checkpoints. The same loop runs one process or dp x pp x tp ranks."""
 
@@ -147,107 +144,6 @@ class VideoARTrainer:
         self.peak_flops = cfg.run.peak_flops or broadcast_object(measure_peak_flops(cfg.run.device))
         self.ledger = None  # sample keys per step (videoar_train.sample_ledger)
         self._last_checkpoint: Path | None = None
-
-    # -- state ---------------------------------------------------------------------------------------------
-    @property
-    def layout(self) -> dict[str, int]:
-        return {"tp": self.topo.tp, "pp": self.topo.pp, "dp": self.topo.dp, "zero_stage": self.cfg.parallel.zero_stage}
-
-    @property
-    def shard_name(self) -> str:
-        return f"rank-{self.topo.rank:05d}.pt"
-
-    def state_dict(self) -> dict:
-        state = {"curriculum": self.curriculum.state_dict(), "rng": {"torch": torch.get_rng_state()},
-                 "step": self.step, "consumed_tokens": self.consumed_tokens, "skipped_steps": self.skipped_steps}
-        if not isinstance(self.engine, TorchEngine):
-            return state
-        return {**self.engine.state_dict(), **state}
-
-    def load_state_dict(self, state: dict, source: str) -> None:
-        """Trainer state (step, curriculum, RNG) of a checkpoint shard; the engine is loaded separately."""
-        self.step = int(state["step"])
-        self.consumed_tokens = int(state.get("consumed_tokens", 0))
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.curriculum.load_state_dict(state["curriculum"], self.step)
-        torch.set_rng_state(state["rng"]["torch"])
-
-    def save(self, blocking: bool = True) -> Path | None:
-        """Checkpoint the current step; returns the committed directory. `blocking=False` (ZeRO-0 engine) copies
-        the state and returns None at once: a background thread writes it and rank 0 commits it when every
-        rank's shard is durable; `wait_for_save` joins it."""
-        previous = self.saver.wait()  # one save in flight at a time
-        stage = self.curriculum.stage(max(0, self.step - 1))
-        topo = self.topo
-        meta = {"config": config_to_dict(self.cfg), "stage": stage.name, "world_size": topo.world,
-                "layout": self.layout}
-        keep, step = self.cfg.videoar_train.keep_last, self.step
-        tmp = begin_checkpoint(self.ckpt_dir, step) if topo.rank == 0 else None
-        tmp = broadcast_object(tmp)
-        if not blocking and isinstance(self.engine, TorchEngine):
-            state, names = snapshot(self.state_dict()), [f"rank-{r:05d}.pt" for r in range(topo.world)]
-            timeout = self.cfg.parallel.timeout_s
-
-            def write_and_commit() -> Path | None:
-                write_shard(tmp, self.shard_name, state)
-                if topo.rank != 0:
-                    return None
-                wait_for_shards(tmp, names, timeout)
-                return commit_checkpoint(self.ckpt_dir, step, tmp, meta, keep)
-
-            self.saver.submit(write_and_commit)
-            self._last_checkpoint = previous or self._last_checkpoint
-            return None
-        write_shard(tmp, self.shard_name, self.state_dict())
-        if not isinstance(self.engine, TorchEngine):
-            self.engine.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
-        barrier()  # every shard is on disk before the commit marker
-        final = commit_checkpoint(self.ckpt_dir, step, tmp, meta, keep) if topo.rank == 0 else None
-        self._last_checkpoint = broadcast_object(final)
-        return self._last_checkpoint
-
-    def wait_for_save(self) -> Path | None:
-        """Join an asynchronous save; every rank returns the newest committed checkpoint directory."""
-        done = self.saver.wait()
-        barrier()
-        self._last_checkpoint = broadcast_object(done) or self._last_checkpoint
-        return self._last_checkpoint
-
-    def maybe_resume(self) -> bool:
-        if not self.cfg.videoar_train.resume:
-            return False
-        # one read of the newest verified step: the shards that hold the model once (any ZeRO-0 layout) + ours
-        found = load_latest(self.ckpt_dir, wanted=lambda meta: model_shards(meta) | {self.shard_name})
-        if found is None:
-            return False
-        meta, shards = found
-        saved = meta["config"]["videoar"]
-        if saved != dataclasses.asdict(self.cfg.videoar):
-            raise ValueError(f"{self.ckpt_dir}: checkpoint step {meta['step']} was trained with a different "
-                             f"videoar model config; use a new run.dir or videoar_train.resume=false")
-        layout = self.layout
-        saved_layout = meta.get("layout", SINGLE)
-        source = f"{self.ckpt_dir} step {meta['step']}"
-        if isinstance(self.engine, TorchEngine) and saved_layout["zero_stage"] == 0:
-            # any dp x pp x tp layout: rebuild this rank's slices from the full state (parallel.reshard)
-            by_rank = {int(name[5:10]): shards[name] for name in model_shards(meta)}
-            model, optim = assemble(by_rank, saved_layout)
-            first = by_rank[0]
-            try:
-                self.engine.load_full_state(model, optim, first["optim_hparams"], first["scheduler"])
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise ValueError(f"{source}: does not fit this model/optimizer ({str(e).splitlines()[0]})") from None
-            self.load_state_dict(first, source)
-        else:
-            if saved_layout != layout:
-                raise ValueError(f"{source}: saved with layout {saved_layout}, this run is {layout}. DeepSpeed ZeRO "
-                                 "partitions the optimizer state over the data-parallel ranks and cannot be resharded "
-                                 "here; resume with the same parallel.tp/pp/zero_stage and world size (or consolidate "
-                                 "the weights with `python -m parallel.consolidate` and start a new run)")
-            self.engine.engine.load_checkpoint(str(step_dir(self.ckpt_dir, meta["step"]) / "deepspeed"), tag="state")
-            self.load_state_dict(shards[self.shard_name], source)
-        log.info("resumed from step %d", self.step)
-        return True
 
     # -- training ----------------------------------------------------------------------------------------------
     def _enter_stage(self, index: int) -> None:

@@ -1,0 +1,121 @@
+"""Checkpoint write speed against the disk, and the training-loop stall of an asynchronous save against a
+synchronous one, measured side by side in one run.
+
+    python -m benchmarks.checkpoint_io [--depth 6 --width 512 --dir runs/bench-ckpt]
+
+1. `dd if=/dev/zero bs=1M conv=fsync` writes as many bytes as one checkpoint shard into --dir: the disk's
+   sequential write rate. 2. A synchronous save (`trainer.checkpoint`: serialize, write, fsync, sha256, commit)
+   of a VideoAR model + AdamW state into the same directory: checkpoint MB/s, and the ratio to dd.
+3. The stall: how long the training loop is blocked by `save` (sync: the whole save; async: the CPU copy of
+   the state, `checkpoint.snapshot`, plus starting the writer thread), and how long the training steps that
+   run during the background write take compared with steps without a save in flight (on 2 shared cores the
+   writer competes with training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from models.videoar import VideoAR, VideoARConfig
+from trainer.checkpoint import AsyncSaver, begin_checkpoint, commit_checkpoint, snapshot, write_shard
+
+
+def build(depth: int, width: int):
+    torch.manual_seed(0)
+    model = VideoAR(VideoARConfig(preset="custom", depth=depth, width=width, heads=max(1, width // 64),
+                                  cond="class", num_classes=8), 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    layout = model.layout_for(2, [(1, 1), (2, 2), (4, 4), (8, 8)])
+    feats = torch.randn(2, layout.length - layout.prefix_len, 16)
+    cond = torch.zeros(2, dtype=torch.long)
+
+    def train_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        model(cond, feats, layout).float().pow(2).mean().backward()
+        opt.step()
+
+    train_step()  # the optimizer state exists
+    state = lambda: {"model": {n: p.detach() for n, p in model.named_parameters()},  # noqa: E731
+                     "optim": {str(i): s for i, s in enumerate(opt.state.values())}}
+    return train_step, state
+
+
+def dd_rate(directory: Path, megabytes: int) -> float:
+    target = directory / "dd.bin"
+    t0 = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={megabytes}", "conv=fsync"],
+                   check=True, capture_output=True)
+    seconds = time.perf_counter() - t0
+    target.unlink()
+    return megabytes * 2**20 / seconds
+
+
+def save(root: Path, step: int, state: dict) -> None:
+    """What the trainer's save does on one rank: temp dir, shard (fsynced), sha256 + metadata commit, rename."""
+    tmp = begin_checkpoint(root, step)
+    write_shard(tmp, "rank-00000.pt", state)
+    commit_checkpoint(root, step, tmp, {}, keep_last=1)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--dir", type=Path, default=Path("runs/bench-ckpt"), help="on the disk checkpoints use")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N for each measurement")
+    args = parser.parse_args(argv)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    train_step, state = build(args.depth, args.width)
+    save(args.dir, 0, state())  # warm-up, and the shard size
+    nbytes = (args.dir / "step-00000000" / "rank-00000.pt").stat().st_size
+    mb = nbytes / 2**20
+
+    dd = max(dd_rate(args.dir, max(1, round(mb))) for _ in range(args.repeats))
+    sync_s = min(_timed(lambda: save(args.dir, i + 1, state())) for i in range(args.repeats))
+
+    step_s = min(_timed(train_step) for _ in range(args.repeats))
+    stalls, during = [], []
+    saver = AsyncSaver()
+    for i in range(args.repeats):
+        t0 = time.perf_counter()
+        copy, step = snapshot(state()), 100 + i
+        saver.submit(lambda: save(args.dir, step, copy))
+        stalls.append(time.perf_counter() - t0)
+        steps = 0
+        t1 = time.perf_counter()
+        while saver.busy:
+            train_step()
+            steps += 1
+        during.append((time.perf_counter() - t1) / max(steps, 1))
+        saver.wait()
+    async_s = min(stalls)
+    shutil.rmtree(args.dir)
+
+    params = sum(t.numel() for t in state()["model"].values())
+    print(f"VideoAR depth {args.depth} width {args.width}: {params / 1e6:.1f}M parameters + AdamW state: "
+          f"shard {mb:.0f} MB, directory {args.dir}")
+    print(f"dd sequential write (fsync)      {dd / 2**20:8.1f} MB/s")
+    print(f"checkpoint save (sync, sha256)   {nbytes / sync_s / 2**20:8.1f} MB/s   ratio to dd {nbytes / sync_s / dd:.2f}")
+    print(f"training-loop stall: sync save {sync_s * 1e3:.0f} ms, async save {async_s * 1e3:.0f} ms   "
+          f"async/sync {async_s / sync_s:.3f}")
+    print(f"training step: {step_s * 1e3:.0f} ms alone, {min(during) * 1e3:.0f} ms while the async save writes "
+          f"({min(during) / step_s:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

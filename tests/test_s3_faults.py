@@ -1,0 +1,141 @@
+"""Object-storage faults: the S3 endpoint goes away in the middle of Ray preprocessing and comes back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.object_store import open_store
+from data_pipeline.preprocess import PROJECT_ROOT, input_id
+from data_pipeline.synth import generate_clips
+from tests.conftest import make_cfg
+from trainer.config import save_config
+
+GOOD = 12  # clips of 13 frames -> 2 clips of 5 frames each
+BAD = {"empty.mp4": b"", "text.mp4": b"this is not a video at all"}
+STAGE = ("curriculum=[{name: s, until_step: 3, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
+         "global_batch: 4, micro_batch: 2}]")
+OUTAGE_S = 4
+
+
+class RestartableS3:
+    """`tests/restartable_s3.py` in a subprocess, driven through its stdin."""
+
+    def __init__(self, log: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("restartable_s3.py")), str(port)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+        self._expect_ok("start")
+
+    def command(self, cmd: str) -> None:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        self._expect_ok(cmd)
+
+    def _expect_ok(self, cmd: str) -> None:
+        answer = self.proc.stdout.readline().strip()
+        assert answer == "ok", f"restartable S3 server, {cmd}: {answer or 'exited'}"
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def s3_server(tmp_path, monkeypatch):
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    server = RestartableS3(tmp_path / "s3-server.log")
+    yield server
+    server.close()
+
+
+def keys_of(s3, bucket: str) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_preprocessing_rides_out_an_s3_outage(s3_server, clips_dir, tokenizer_ckpt, tmp_path):
+    """Inputs and shards on S3; as soon as the job writes its first object to the output bucket, the S3 endpoint
+    stops for a few seconds and comes back. The outage is a stop and restart of the HTTP server (listening socket
+    closed, connections in flight cut, so clients get connection refused or reset) with the objects kept in the
+    server process's memory: moto has no persistent storage, so this is an endpoint outage, not a loss of data.
+    The Ray workers (reading inputs) and the driver (writing shards and records) ride it out through the client's
+    retries: the job succeeds, every good clip is in the manifest exactly once, in shards whose bytes match the
+    manifest, the bad inputs are quarantined, and no temporary object is left behind."""
+    import boto3
+
+    endpoint = s3_server.endpoint
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    for b in ("videos", "shards"):
+        s3.create_bucket(Bucket=b)
+    generate_clips(tmp_path / "clips", GOOD, frames=13, size=32, fps=8, seed=1, progress=False)
+    src = open_store("s3://videos/in", endpoint)
+    good = sorted((tmp_path / "clips").glob("*.mp4"))
+    for i, path in enumerate(good):
+        src.write(path.name, path.read_bytes())
+        src.write(path.with_suffix(".json").name, json.dumps({"caption": "c", "class": i % 8}).encode())
+    for name, data in BAD.items():
+        src.write(name, data)
+    cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path / "run", STAGE, "preprocess.input=s3://videos/in",
+                   "preprocess.output=s3://shards/out", f"data.endpoint_url={endpoint}",
+                   "preprocess.shard_bytes=4096", "preprocess.workers=2", "preprocess.batch_size=2")
+    save_config(cfg, tmp_path / "preprocess.yaml")
+    log = tmp_path / "preprocess.log"
+    with log.open("w") as f:
+        job = subprocess.Popen([sys.executable, "-m", "data_pipeline.preprocess", "--config",
+                                str(tmp_path / "preprocess.yaml")], cwd=PROJECT_ROOT, stdout=f,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not keys_of(s3, "shards"):  # the first write (a progress record or its temp object): under way
+            assert job.poll() is None, f"preprocessing ended before any progress:\n{log.read_text()}"
+            assert time.time() < deadline, f"no progress after 120 s:\n{log.read_text()}"
+            time.sleep(0.1)
+        s3_server.command("stop")
+        assert job.poll() is None
+        time.sleep(OUTAGE_S)
+        assert job.poll() is None, f"preprocessing ended during the outage:\n{log.read_text()}"
+        s3_server.command("start")
+        assert job.wait(timeout=150) == 0, log.read_text()
+    finally:
+        if job.poll() is None:  # the job and the local Ray runtime it started
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+
+    out = open_store("s3://shards/out", endpoint)
+    manifest = json.loads(out.read("manifest.json"))
+    bucket = manifest["buckets"]["32x32x5"]
+    keys = [o[0] for s in bucket["shards"] for o in s["offsets"]]
+    sizes = dict(src.list())
+    expected = {f"{input_id(p.name, sizes[p.name])}_{start:06d}" for p in good for start in (0, 5)}
+    assert len(keys) == len(set(keys)) == bucket["samples"] == len(expected) == 2 * GOOD
+    assert set(keys) == expected
+    # the shard objects are exactly the manifest's (nothing encoded twice), each complete
+    assert sorted(k for k, _ in out.list("32x32x5/")) == sorted(s["name"] for s in bucket["shards"])
+    for s in bucket["shards"]:
+        data = out.read(s["name"])
+        assert len(data) == s["bytes"] and hashlib.sha256(data).hexdigest() == s["sha256"]
+    quarantine = json.loads(out.read("quarantine.json"))
+    assert sorted(q["input"] for q in quarantine) == sorted(src.join(name) for name in BAD)
+    leftovers = [k for b in ("videos", "shards") for k in keys_of(s3, b) if ".tmp-" in k]
+    assert not leftovers
