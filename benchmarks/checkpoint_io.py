@@ -15,6 +15,7 @@ synchronous one, measured side by side in one run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     mb = nbytes / 2**20
 
     dd = max(dd_rate(args.dir, max(1, round(mb))) for _ in range(args.repeats))
+    payload = torch.randint(0, 255, (nbytes,), dtype=torch.uint8).numpy().tobytes()
+    sha = nbytes / min(_timed(lambda: hashlib.sha256(payload).hexdigest()) for _ in range(args.repeats))
     sync_s = min(_timed(lambda: save(args.dir, i + 1, state())) for i in range(args.repeats))
 
     step_s = min(_timed(train_step) for _ in range(args.repeats))
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"VideoAR depth {args.depth} width {args.width}: {params / 1e6:.1f}M parameters + AdamW state: "
           f"shard {mb:.0f} MB, directory {args.dir}")
     print(f"dd sequential write (fsync)      {dd / 2**20:8.1f} MB/s")
+    print(f"sha256 of the shard bytes        {sha / 2**20:8.1f} MB/s   (each rank hashes while it writes)")
     print(f"checkpoint save (sync, sha256)   {nbytes / sync_s / 2**20:8.1f} MB/s   ratio to dd {nbytes / sync_s / dd:.2f}")
     print(f"training-loop stall: sync save {sync_s * 1e3:.0f} ms, async save {async_s * 1e3:.0f} ms   "
           f"async/sync {async_s / sync_s:.3f}")

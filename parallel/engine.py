@@ -277,7 +277,7 @@ class DeepSpeedEngine:
         return (float(norm) if norm is not None else float("nan")), applied
 
     def state_dict(self) -> dict:
-        raise NotImplementedError("DeepSpeed engines save with save_checkpoint (see parallel.checkpoint)")
+        raise NotImplementedError("DeepSpeed engines save with their own save_checkpoint (trainer/videoar_checkpoints.py)")
 
 
 def local_state_dict(engine) -> dict[str, torch.Tensor]:

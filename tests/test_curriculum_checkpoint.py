@@ -94,7 +94,7 @@ def test_corrupted_newest_falls_back_to_the_previous(tmp_path, caplog):
     with pytest.raises(ValueError, match="checksum mismatch"):
         read_checkpoint(step_dir(tmp_path, 2))
     meta, shards = load_latest(tmp_path)
-    assert meta["step"] == 1 and "skipping checkpoint step 2" in caplog.text
+    assert meta["step"] == 1 and "checkpoint step 2 is unusable" in caplog.text and "falling back to step 1" in caplog.text
 
 
 def test_shards_never_unpickle_code(tmp_path):

@@ -1,7 +1,7 @@
 """Training checkpoints (DESIGN §6): `step-00001234/` with one shard per rank and `metadata.json` written last.
 
-A step directory is built under a temporary name, each shard is fsynced and hashed, `metadata.json` (format,
-step, sha256 per shard, config) is the commit marker, then the directory is renamed into place and `latest` is
+A step directory is built under a temporary name, each rank fsyncs and hashes its own shard, `metadata.json`
+(format, step, sha256 per shard, config) is the commit marker, then the directory is renamed into place and `latest` is
 updated. Resume picks the newest committed step, verifies every checksum and falls back to the previous step
 when one is corrupted. Shards are loaded with `torch.load(weights_only=True)`: no pickled code runs.
 
@@ -30,6 +30,7 @@ from data_pipeline.storage import atomic_write_bytes, atomic_write_text
 log = logging.getLogger(__name__)
 FORMAT, FORMAT_VERSION = "videoar-checkpoint", 2
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+DIGEST_SUFFIX = ".sha256"  # a rank's digest of its shard, beside it until the commit
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -44,27 +45,53 @@ def begin_checkpoint(root: str | Path, step: int) -> Path:
     return tmp
 
 
-def write_shard(tmp: Path, name: str, state: dict[str, Any]) -> None:
-    """One shard (e.g. `rank-00003.pt`), fsynced; every rank writes its own, in parallel."""
+def write_shard(tmp: Path, name: str, state: dict[str, Any]) -> str:
+    """One shard (e.g. `rank-00003.pt`), fsynced; every rank writes its own, in parallel, and hashes it while
+    the bytes go to disk. The digest goes to `<name>.sha256` after the shard is durable, so its presence means
+    the shard is complete, and the commit need not read the shard back. Returns the digest."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(tmp / name, buf.getvalue())
+    data = buf.getbuffer()
+    digest: list[str] = []
+    hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(data).hexdigest()))  # releases the GIL
+    hasher.start()
+    atomic_write_bytes(tmp / name, data)
+    hasher.join()
+    atomic_write_text(tmp / (name + DIGEST_SUFFIX), digest[0])
+    return digest[0]
 
 
 def commit_checkpoint(root: str | Path, step: int, tmp: Path, meta: dict[str, Any], keep_last: int = 3) -> Path:
     """After every shard is on disk: hash them, write metadata.json (the commit marker), rename into place,
     point `latest` at it and drop all but the newest `keep_last` steps."""
     root, final = Path(root), step_dir(root, step)
-    sums = {str(f.relative_to(tmp)): _sha256(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+    sums = {}
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file() and not f.name.endswith(DIGEST_SUFFIX):
+            digest = f.with_name(f.name + DIGEST_SUFFIX)
+            sums[str(f.relative_to(tmp))] = digest.read_text().strip() if digest.is_file() else _sha256(f)
+    for f in tmp.rglob("*" + DIGEST_SUFFIX):
+        f.unlink()
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "shards": sums, **meta}
     atomic_write_text(tmp / "metadata.json", json.dumps(record, indent=1, sort_keys=True))
     if final.exists():  # a re-save of the same step replaces it
-        shutil.rmtree(final)
+        _discard(final)
     tmp.rename(final)
     atomic_write_text(root / "latest", final.name + "\n")
     for old in committed_steps(root)[:-keep_last]:
-        shutil.rmtree(step_dir(root, old), ignore_errors=True)
+        _discard(step_dir(root, old))
+    threading.Thread(target=_empty_trash, args=(root,), name="checkpoint-trash", daemon=True).start()
     return final
+
+
+def _discard(directory: Path) -> None:
+    """Uncommit a step at once (a rename); its bytes are deleted off the critical path by `_empty_trash`."""
+    directory.rename(directory.with_name(f".trash-{directory.name}-{time.time_ns()}"))
+
+
+def _empty_trash(root: Path) -> None:
+    for trash in root.glob(".trash-*"):
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def save_checkpoint(root: str | Path, step: int, shards: dict[str, dict[str, Any]], meta: dict[str, Any],
@@ -153,9 +180,9 @@ def snapshot(state: Any) -> Any:
 
 
 def wait_for_shards(tmp: Path, names: list[str], timeout_s: float) -> None:
-    """Block until every named shard exists in `tmp` (renamed into place after fsync by its rank)."""
+    """Block until every named shard is complete in `tmp` (its digest file, written last by its rank, exists)."""
     deadline = time.monotonic() + timeout_s
-    while missing := [n for n in names if not (tmp / n).is_file()]:
+    while missing := [n for n in names if not (tmp / (n + DIGEST_SUFFIX)).is_file()]:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{tmp}: shards {missing[:4]} not written within {timeout_s:.0f} s; their ranks "
                                "probably died, so this checkpoint stays uncommitted")
