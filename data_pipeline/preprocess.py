@@ -226,7 +226,7 @@ def _progress_records(store: Store, kind: str) -> dict[str, dict]:
 def preprocess(cfg, progress: bool = True) -> Summary:
     import ray
 
-    p, d, v = cfg.preprocess, cfg.data, cfg.videoar
+    p, d = cfg.preprocess, cfg.data
     endpoint = d.endpoint_url or None
     src, out = open_store(p.input, endpoint), open_store(p.output, endpoint)
     buckets = buckets_of(cfg)

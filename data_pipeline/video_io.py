@@ -11,7 +11,6 @@ import logging
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import av

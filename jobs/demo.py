@@ -12,7 +12,6 @@ held-out captions and one image-to-video continuation, as .mp4 and PNG; (6) a th
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 from data_pipeline.clips import read_caption
 from data_pipeline.preprocess import preprocess
 from data_pipeline.synth import generate_clips
+from trainer.metrics import read_jsonl
 from trainer.config import Config, config_arg_parser, config_from_args, load_config, save_config
 from trainer.preemption import EXIT_PREEMPTED
 from trainer.sample import sample_to_files
@@ -36,7 +36,8 @@ NPROC = 2
 
 
 def _metric_steps(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """Records of a metrics log that may be growing (a torn last line is skipped); a redone step's last record."""
+    return list({r["step"]: r for r in read_jsonl(path)}.values()) if path.exists() else []
 
 
 def finished_tokenizer(cfg: Config) -> TokenizerRun | None:
@@ -131,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     by_stage: dict[str, list[dict]] = {}
     for r in records:
         by_stage.setdefault(r["stage"], []).append(r)
-    throughput = "; ".join(f"{name}: {sum(r['tokens_per_s'] for r in rs) / len(rs):.0f} tokens/s/rank, "
-                           f"{sum(r['step_time_s'] for r in rs) / len(rs):.2f} s/step" for name, rs in by_stage.items())
+    mean = lambda rs, k: sum(r.get(k, 0.0) for r in rs) / len(rs)  # noqa: E731
+    throughput = "; ".join(f"{name}: {mean(rs, 'tokens_per_s_per_device'):.0f} tokens/s/process, "
+                           f"{mean(rs, 'step_time_s'):.2f} s/step, MFU {100 * mean(rs, 'mfu'):.1f}%, data wait "
+                           f"{100 * mean(rs, 'data_wait_frac'):.1f}%" for name, rs in by_stage.items())
     print(f"\nDone in {time.time() - t0:.0f} s.\n"
           f"  tokenizer held-out PSNR: {tok.psnr_start:.2f} dB at step 0 -> {tok.psnr_end:.2f} dB ({tok.recon_png})\n"
           f"  shards:                  {shards}/manifest.json ({pre.clips or 'all'} clips, "
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
           f"  text-to-video samples:   {t2v.contact_sheet} and {len(t2v.videos)} .mp4\n"
           f"  image-to-video sample:   {i2v.videos[0]} (first frame from {held[0].name})\n"
           f"  dashboards (metrics):    {cfg.run_dir / 'tokenizer' / 'metrics.jsonl'}, "
-          f"{out_dir(train_cfg) / 'metrics.jsonl'}")
+          f"{out_dir(train_cfg) / 'metrics.jsonl'}; tensorboard --logdir {cfg.run_dir}\n"
+          f"  run summary:             python -m jobs.status {cfg.run_dir}")
     return 0
 
 
