@@ -264,20 +264,22 @@ class VideoARTrainer(TrainerCheckpoints):
                         sinks.log(rec)
                     self._fail_nonfinite()
                 switch = cur.index(self.step) != cur.index(self.step - 1)
-                if preemption.agreed():  # every rank stops after the same step
-                    run.checkpoint, run.preempted = self.save(), True
-                    log.warning("preempted (%s) after step %d: checkpoint %s",
-                                preemption.signal_name or "another rank", self.step, run.checkpoint)
-                    break
+                run.preempted = preemption.agreed()  # every rank stops after the same step
                 t_ckpt = time.perf_counter()
-                if self.step % t.ckpt_every == 0 or self.step == end or switch:
-                    # the last checkpoint of the run is synchronous: the run ends with it committed
-                    run.checkpoint = self.save(blocking=not t.async_save or self.step == end)
+                if run.preempted or self.step % t.ckpt_every == 0 or self.step == end or switch:
+                    # the last checkpoint of a run (or before a preemption exit) is synchronous: it is committed
+                    # when the process ends
+                    last = run.preempted or self.step == end
+                    run.checkpoint = self.save(blocking=not t.async_save or last)
                 rec["time/checkpoint_s"] = time.perf_counter() - t_ckpt
-                if self.step % t.log_every == 0 or self.step == end:
+                if self.step % t.log_every == 0 or self.step == end or run.preempted:
                     rec = self.finish_record(rec)
                     if sinks:
                         sinks.log(rec)
+                if run.preempted:
+                    log.warning("preempted (%s) after step %d: checkpoint %s",
+                                preemption.signal_name or "another rank", self.step, run.checkpoint)
+                    break
             run.checkpoint = self.wait_for_save() or run.checkpoint
         except RuntimeError as e:
             described = describe_failure(e, topo, self.cfg.parallel.timeout_s) if topo.distributed else e
