@@ -7,18 +7,23 @@ sees a partial object; the manifest, written last, is the commit point). S3 endp
 Retries are botocore's "standard" mode (connection errors, timeouts, 5xx, throttling; exponential backoff with
 jitter starting at 50 ms, at most 20 s per wait). Its budget is `AWS_MAX_ATTEMPTS` (botocore's variable), by default
 `MAX_ATTEMPTS`: 15 attempts ride out an endpoint outage of about a minute (the waits add up to ~63 s on average)
-before the call fails.
+before the call fails. botocore does not retry a response body cut off mid-read (it streams after the retry
+layer), so `S3Store.read` retries that itself, `BODY_ATTEMPTS` times with backoff.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
 
 from data_pipeline.storage import atomic_write_bytes
 
+log = logging.getLogger(__name__)
+BODY_ATTEMPTS = 4
 MAX_ATTEMPTS = 15  # botocore's default of 3 (waits of ~0.1 s) fails on a restart of the endpoint
 
 
@@ -109,10 +114,18 @@ class S3Store(Store):
         kwargs = {}
         if start is not None or end is not None:
             kwargs["Range"] = f"bytes={start or 0}-{'' if end is None else end - 1}"
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **kwargs)["Body"].read()
-        except self.client.exceptions.NoSuchKey:
-            raise FileNotFoundError(f"{self.join(key)}: no such object") from None
+        from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+        for attempt in range(BODY_ATTEMPTS):
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **kwargs)["Body"].read()
+            except self.client.exceptions.NoSuchKey:
+                raise FileNotFoundError(f"{self.join(key)}: no such object") from None
+            except (IncompleteReadError, ReadTimeoutError, ResponseStreamingError) as e:
+                if attempt + 1 == BODY_ATTEMPTS:
+                    raise
+                log.warning("%s: response cut off (%s); retrying", self.join(key), type(e).__name__)
+                time.sleep(0.1 * 2**attempt)
 
     def write(self, key, data):
         tmp = self._key(f"{key}.tmp-{uuid.uuid4().hex[:12]}")
