@@ -186,9 +186,9 @@ def render(summary: dict[str, Any]):
     table.add_row("last checkpoint", "-" if ck is None else f"step {ck['step']} ({_dur(ck['age_s'])} ago)", "")
     rate = "" if s["sec_per_step"] is None else f" ({s['sec_per_step']:.3g} s/step)"
     table.add_row("ETA", ("done" if s["status"] == "finished" else _dur(s["eta_s"])) + rate, "")
-    if s["metrics_endpoint"]:
-        table.add_row("prometheus", s["metrics_endpoint"], "")
     parts: list[Any] = [table]
+    if s["metrics_endpoint"] and s["status"] == "running":  # the endpoint lives as long as the trainer
+        parts.append(Text(f"prometheus: {s['metrics_endpoint']}"))
     if (p := s["preprocess"]) is not None:
         done, tot = _num(p.get("inputs_done")), _num(p.get("inputs_total"))
         frac = f" ({_pct(done / tot)})" if done is not None and tot else ""

@@ -112,7 +112,7 @@ def train_tokenizer(cfg: Config, progress: bool = True) -> TokenizerRun:
             parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{parts['loss']:.4f}", l1=f"{parts['l1']:.4f}")
+        bar.set_postfix(loss=f"{parts['loss']:.4f}", l1=f"{parts['l1']:.4f}", refresh=False)
         if step % t.log_every == 0:
             metrics.log({"step": step, "lr": sched.get_last_lr()[0], **parts})
         if step % t.eval_every == 0 or step == t.steps:

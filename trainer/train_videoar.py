@@ -258,7 +258,8 @@ class VideoARTrainer(TrainerCheckpoints):
                 rec = self.train_step()
                 run.losses.append(rec["loss"])
                 bar.update(1)
-                bar.set_postfix(stage=rec["stage"], loss=f"{rec['loss']:.4f}", acc=f"{rec['bit_acc']:.3f}")
+                bar.set_postfix(stage=rec["stage"], loss=f"{rec['loss']:.4f}", acc=f"{rec['bit_acc']:.3f}",
+                                refresh=False)  # the bar's own interval decides (logs stay small without a tty)
                 if self.nonfinite_run >= t.max_nonfinite_steps:
                     if sinks:
                         sinks.log(rec)
