@@ -118,7 +118,7 @@ def test_cli_table_json_watch_help(run, capsys):
     assert "step 40" in out.stdout and "preprocess: 30/40 inputs" in out.stdout
     assert ENDPOINT not in out.stdout  # the run stopped long ago: its endpoint is gone
     live = render({**summarize(run), "status": "running"})
-    console = Console(width=120, record=True, no_color=True)
+    console = Console(file=io.StringIO(), width=120, record=True, no_color=True)
     console.print(live)
     assert f"prometheus: {ENDPOINT}" in console.export_text()
     assert main([str(run), "--json"]) == 0
