@@ -143,10 +143,10 @@ def _deepspeed_nan_step(rank: int, world: int, clips_dir, tokenizer_ckpt, run_di
     before, lr_steps = weights(trainer), trainer.engine.sched.last_epoch
     trainer.train(max_steps=3)
     unchanged = all(torch.equal(before[k], v) for k, v in weights(trainer).items())
+    lr_advanced = trainer.engine.sched.last_epoch - lr_steps
     run = trainer.train()
     finite = all(torch.isfinite(torch.tensor(run.losses)))
-    (report / f"rank{rank}.txt").write_text(
-        f"{unchanged} {trainer.engine.sched.last_epoch - lr_steps} {trainer.skipped_steps} {finite}")
+    (report / f"rank{rank}.txt").write_text(f"{unchanged} {lr_advanced} {trainer.skipped_steps} {finite}")
 
 
 @pytest.mark.slow
