@@ -159,3 +159,18 @@ def test_deepspeed_zero_skips_a_non_finite_step_the_same_way(clips_dir, tokenize
     run_local(2, _deepspeed_nan_step, clips_dir, tokenizer_ckpt, tmp_path / "run", report)
     for rank in range(2):
         assert (report / f"rank{rank}.txt").read_text() == "True 0 1 True"
+
+
+def test_a_commit_clears_what_a_dead_save_left_and_keeps_the_last_k(tmp_path):
+    from trainer.checkpoint import save_checkpoint
+
+    stale = tmp_path / ".tmp-step-00000003"  # a save killed before its commit
+    stale.mkdir()
+    (stale / "rank-00000.pt").write_bytes(b"partial")
+    for step in (4, 5, 6):
+        save_checkpoint(tmp_path, step, {"rank-00000.pt": {"step": torch.tensor(step)}}, {}, keep_last=2)
+    assert committed_steps(tmp_path) == [5, 6] and not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".trash-")) == \
+        ["latest", "step-00000005", "step-00000006"]
+    assert (tmp_path / "latest").read_text() == "step-00000006\n"
+    assert sorted(p.name for p in (tmp_path / "step-00000006").iterdir()) == ["metadata.json", "rank-00000.pt"]

@@ -80,6 +80,8 @@ def commit_checkpoint(root: str | Path, step: int, tmp: Path, meta: dict[str, An
     atomic_write_text(root / "latest", final.name + "\n")
     for old in committed_steps(root)[:-keep_last]:
         _discard(step_dir(root, old))
+    for stale in root.glob(".tmp-step-*"):  # left by a save that died (one save is in flight at a time)
+        _discard(stale)
     threading.Thread(target=_empty_trash, args=(root,), name="checkpoint-trash", daemon=True).start()
     return final
 
