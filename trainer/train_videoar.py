@@ -128,6 +128,10 @@ class VideoARTrainer(TrainerCheckpoints):
         first = self.curriculum.stages[0]
         if cfg.parallel.zero_stage > 0:
             from parallel.engine import DeepSpeedEngine
+
+            if cfg.videoar_train.async_save:
+                log.warning("videoar_train.async_save applies to the ZeRO-0 engine; DeepSpeed (parallel.zero_stage="
+                            "%d) writes its checkpoints synchronously", cfg.parallel.zero_stage)
             self.engine = DeepSpeedEngine(self.model, self.topo, cfg.parallel, cfg.videoar_train,
                                           self.curriculum.total_steps, self.device, first.global_batch,
                                           first.micro_batch)
