@@ -1,8 +1,9 @@
 """One small interface over a local directory (the embedded default) and `s3://bucket/prefix` (boto3).
 
 Keys are '/'-separated paths relative to the store's root. Writes are atomic for readers: local files go to a
-temp name and are renamed; S3 objects are uploaded under a temp key and copied to the final key (a reader never
-sees a partial object; the manifest, written last, is the commit point). S3 endpoint and credentials come from
+temp name and are renamed; an S3 PUT is atomic by itself (an object becomes visible whole, or not at all, and
+botocore sends a checksum the server verifies), so objects are put straight to their key: no temp object, nothing
+left behind when a write fails. The manifest, written last, is the commit point. S3 endpoint and credentials come from
 `AWS_ENDPOINT_URL` / `AWS_*` environment variables or the standard AWS config files (never logged or stored).
 Retries are botocore's "standard" mode (connection errors, timeouts, 5xx, throttling; exponential backoff with
 jitter starting at 50 ms, at most 20 s per wait). Its budget is `AWS_MAX_ATTEMPTS` (botocore's variable), by default
@@ -16,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -128,13 +128,7 @@ class S3Store(Store):
                 time.sleep(0.1 * 2**attempt)
 
     def write(self, key, data):
-        tmp = self._key(f"{key}.tmp-{uuid.uuid4().hex[:12]}")
-        self.client.put_object(Bucket=self.bucket, Key=tmp, Body=data)
-        try:
-            self.client.copy_object(Bucket=self.bucket, Key=self._key(key),
-                                    CopySource={"Bucket": self.bucket, "Key": tmp})
-        finally:
-            self.client.delete_object(Bucket=self.bucket, Key=tmp)
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def exists(self, key):
         try:
@@ -150,7 +144,7 @@ class S3Store(Store):
         strip = len(self.prefix) + 1 if self.prefix else 0
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
         items = [(o["Key"][strip:], o["Size"]) for page in pages for o in page.get("Contents", [])]
-        return iter(sorted(i for i in items if ".tmp-" not in i[0]))
+        return iter(sorted(i for i in items if ".tmp-" not in i[0]))  # temp keys of writers before 2026-11-22
 
     def delete(self, key):
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))

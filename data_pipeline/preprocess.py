@@ -178,6 +178,7 @@ class Summary:
     shards: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    startup_seconds: float = 0.0  # of `seconds`, until the Ray runtime was up
     total_samples: int = 0
     quarantine: list = field(default_factory=list)
 
@@ -186,16 +187,23 @@ class Meter:
     """The progress bar and the metrics of one run: a record whenever an input is done (at most one per `every_s`
     seconds) and a final one, through `trainer.metrics.MetricSinks` in `<run.dir>/preprocess/`. `step` and
     `inputs_done` count inputs done, including those committed by earlier runs; `clips`, `bytes` (shard bytes
-    written), `quarantined` and `shards` count this run's work."""
+    written), `quarantined` and `shards` count this run's work. Rates are over `work_s`, the time since the Ray
+    runtime was up (`startup_s` before it), so a short job's clips/s is not mostly Ray start-up."""
 
     def __init__(self, cfg, summary: Summary, t0: float, bar: bool, every_s: float = 2.0):
         from trainer.metrics import MetricSinks
 
         self.summary, self.t0, self.every_s, self.last = summary, t0, every_s, float("-inf")
+        self.work_t0 = t0
         self.done = summary.skipped
         self.bar = tqdm(total=summary.inputs - summary.skipped, desc="preprocess", unit="video", disable=not bar)
         self.sinks = MetricSinks(cfg.run_dir / "preprocess", prefix="preprocess", append=False,
                                  tensorboard=cfg.run.tensorboard, prometheus_port=cfg.run.metrics_port)
+
+    def started(self) -> None:
+        """The workers can take work: the clock of the rates starts."""
+        self.work_t0 = time.time()
+        self.summary.startup_seconds = self.work_t0 - self.t0
 
     def input_done(self) -> None:
         self.done += 1
@@ -205,10 +213,11 @@ class Meter:
 
     def log(self) -> None:
         s, self.last = self.summary, time.time()
-        elapsed = max(self.last - self.t0, 1e-6)
+        work = max(self.last - self.work_t0, 1e-6)
         self.sinks.log({"step": self.done, "inputs_done": self.done, "inputs_total": s.inputs, "clips": s.clips,
-                        "clips_per_s": s.clips / elapsed, "bytes": s.bytes, "bytes_per_s": s.bytes / elapsed,
-                        "quarantined": s.quarantined, "shards": s.shards, "elapsed_s": round(elapsed, 3)})
+                        "clips_per_s": s.clips / work, "bytes": s.bytes, "bytes_per_s": s.bytes / work,
+                        "quarantined": s.quarantined, "shards": s.shards, "elapsed_s": round(self.last - self.t0, 3),
+                        "startup_s": round(self.work_t0 - self.t0, 3), "work_s": round(work, 3)})
 
     def close(self) -> None:
         """The final record; then the sinks are closed."""
@@ -274,6 +283,7 @@ def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint
             # scheduling slots, not cores: one per encoder actor plus room for the decode tasks
             ray.init(address="local", num_cpus=p.workers + 2, _node_ip_address="127.0.0.1", include_dashboard=False,
                      runtime_env=env, log_to_driver=False)
+    meter.started()
     decode = ray.remote(decode_input)
     actor_cls = ray.remote(num_cpus=1)(Encoder)
     actors = [actor_cls.remote(cfg.videoar_train.tokenizer_ckpt, v.cond, v.text_encoder, v.text_len, 1)

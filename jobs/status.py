@@ -35,7 +35,7 @@ TRENDS = ("loss", "tokens_per_s", "mfu", "data_wait_frac")
 LATEST = ("loss", "bit_acc", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "mfu", "data_wait_frac",
           "step_time_s", "consumed_samples", "consumed_tokens", "skipped_steps", "mem/peak_rss_gb")
 PREPROCESS = ("step", "inputs_done", "inputs_total", "clips", "clips_per_s", "bytes", "bytes_per_s", "quarantined",
-              "shards", "elapsed_s")
+              "shards", "elapsed_s", "startup_s")
 RECENT = 20  # ETA / liveness from the last RECENT intervals between records
 RUNNING_AGE_S = 600.0
 
@@ -196,7 +196,8 @@ def render(summary: dict[str, Any]):
         parts.append(Text(f"preprocess: {_si(g['inputs_done'])}/{_si(g['inputs_total'])} inputs{frac}, "
                           f"{_si(g['clips'])} clips ({_si(g['clips_per_s'])}/s), {_si(g['bytes'], 'B')} "
                           f"({_si(g['bytes_per_s'], 'B')}/s), {_si(g['shards'])} shards, "
-                          f"{_si(g['quarantined'])} quarantined, elapsed {_dur(g['elapsed_s'])}"))
+                          f"{_si(g['quarantined'])} quarantined, elapsed {_dur(g['elapsed_s'])}"
+                          + (f" ({_dur(g['startup_s'])} start-up)" if g.get("startup_s") else "")))
     return Group(*parts)
 
 

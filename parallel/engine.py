@@ -6,7 +6,8 @@
 - `DeepSpeedEngine`: ZeRO stage 1/2/3 data parallelism (pp = 1, any tp) through `deepspeed.initialize` with a
   config built from our YAML; the curriculum's batch sizes are pushed with its public setters.
 Both return the local mean loss and per-token loss/accuracy sums, so the trainer logs the same metrics for all.
-A step whose global gradient norm is not finite is skipped (Megatron's rule): no update, the LR schedule does
+A step whose global gradient norm is not finite is skipped (Megatron's rule; a non-finite loss is made to give
+NaN gradients, `trainer.objective.poison_if_nonfinite`, so it counts too): no update, the LR schedule does
 not advance, gradients are dropped; `step()` says whether the update was applied. The norm is reduced over the
 whole model, so every rank takes the same decision.
 """
@@ -24,7 +25,7 @@ from models.videoar import VideoAR
 from parallel.config import ParallelConfig
 from parallel.pipeline import make_schedule, split_for_pipeline
 from parallel.topology import Topology
-from trainer.objective import MicroBatch, bit_loss
+from trainer.objective import MicroBatch, bit_loss, poison_if_nonfinite
 from trainer.schedules import param_groups, warmup_cosine
 
 
@@ -90,7 +91,7 @@ class TorchEngine:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = self.model(mb.cond, mb.features, layout, mb.mask, mb.drop)
             loss, token_loss, token_correct = bit_loss(logits, mb.targets)
-            (loss / len(micro)).backward()
+            (poison_if_nonfinite(loss) / len(micro)).backward()
             loss_sum, tl, tc = loss_sum + loss.detach(), tl + token_loss, tc + token_correct
         return loss_sum / len(micro), tl, tc
 
@@ -103,7 +104,7 @@ class TorchEngine:
         def loss_fn(logits, targets):
             loss, token_loss, token_correct = bit_loss(logits, targets.bool())
             stats.append((loss.detach(), token_loss, token_correct))
-            return loss
+            return poison_if_nonfinite(loss)
 
         if key not in self._schedules:  # shapes change with the curriculum stage: one schedule per shape
             self._schedules[key] = make_schedule(self.module, _groups().get_pipeline_model_parallel_group(),
@@ -264,7 +265,7 @@ class DeepSpeedEngine:
         for mb in micro:
             logits = self.engine(mb.cond, mb.features, layout, mb.mask, mb.drop)
             loss, token_loss, token_correct = bit_loss(logits, mb.targets)
-            self.engine.backward(loss)  # scaled by 1/accumulation inside
+            self.engine.backward(poison_if_nonfinite(loss))  # scaled by 1/accumulation inside
             self.engine.step()  # updates only at the accumulation boundary
             loss_sum, tl, tc = loss_sum + loss.detach(), tl + token_loss, tc + token_correct
         return loss_sum / len(micro), tl, tc

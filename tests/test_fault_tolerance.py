@@ -13,6 +13,7 @@ from parallel.launch import run_local
 from tests.conftest import make_cfg
 from trainer.checkpoint import committed_steps, read_checkpoint, step_dir
 from trainer.metrics import read_jsonl
+from trainer.objective import poison_if_nonfinite
 from trainer.train_videoar import NonFiniteError, VideoARTrainer
 
 PEAK = "run.peak_flops=1e9"  # skip the start-up GEMM measurement
@@ -43,6 +44,42 @@ def test_a_non_finite_step_is_skipped_and_counted(clips_dir, tokenizer_ckpt, tmp
     records = {r["step"]: r for r in read_jsonl(tmp_path / "videoar" / "metrics.jsonl")}
     assert [records[s]["skipped_steps"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
     assert records[3]["grad_norm"] != records[3]["grad_norm"]  # NaN, logged as such
+
+
+def test_an_inf_loss_with_finite_gradients_is_skipped_too(clips_dir, tokenizer_ckpt, tmp_path, monkeypatch):
+    """An inf constant added to the third step's loss leaves its gradients finite; the step is skipped all the same
+    (the loss is logged as inf)."""
+    import parallel.engine
+
+    cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path, "videoar_train.steps=4", PEAK)
+    trainer = VideoARTrainer(cfg, progress=False)
+    real = parallel.engine.bit_loss
+
+    def inf_at_third_step(logits, targets):
+        loss, token_loss, token_correct = real(logits, targets)
+        return (loss + float("inf") if trainer.step == 2 else loss), token_loss, token_correct
+
+    monkeypatch.setattr(parallel.engine, "bit_loss", inf_at_third_step)
+    trainer.train(max_steps=2)
+    before = weights(trainer)
+    trainer.train(max_steps=3)
+    after = weights(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert trainer.skipped_steps == 1
+    trainer.train()
+    records = {r["step"]: r for r in read_jsonl(tmp_path / "videoar" / "metrics.jsonl")}
+    assert records[3]["loss"] == float("inf") and records[4]["skipped_steps"] == 1
+    assert records[4]["loss"] < float("inf")
+
+
+def test_poison_if_nonfinite_keeps_finite_gradients_bit_identical():
+    w = torch.randn(5, requires_grad=True)
+    for extra, finite in ((0.0, True), (float("inf"), False), (float("nan"), False)):
+        w.grad = None
+        plain = torch.autograd.grad((w * w).sum() + extra, w)[0]
+        (poison_if_nonfinite((w * w).sum() + extra)).backward()
+        assert torch.isfinite(plain).all()  # the constant does not reach the gradients...
+        assert torch.equal(w.grad, plain) if finite else torch.isnan(w.grad).all()  # ...the poison does
 
 
 def test_k_non_finite_steps_in_a_row_stop_with_a_checkpoint_of_the_last_good_state(clips_dir, tokenizer_ckpt,

@@ -50,7 +50,7 @@ def write_run(run: Path) -> Path:
     (run / "preprocess").mkdir()
     (run / "preprocess" / "metrics.jsonl").write_text(json.dumps(
         {"step": 3, "inputs_done": 30, "inputs_total": 40, "clips": 120, "clips_per_s": 4.5, "bytes": 2_500_000,
-         "bytes_per_s": 90_000.0, "quarantined": 1, "shards": 6, "elapsed_s": 26.7}) + "\n")
+         "bytes_per_s": 90_000.0, "quarantined": 1, "shards": 6, "elapsed_s": 26.7, "startup_s": 5.0}) + "\n")
     return run
 
 
@@ -115,7 +115,8 @@ def test_cli_table_json_watch_help(run, capsys):
                          capture_output=True, env={**os.environ, "COLUMNS": "120"}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "high-res" in out.stdout and "70 / 100" in out.stdout and "\x1b[" not in out.stdout
-    assert "step 40" in out.stdout and "preprocess: 30/40 inputs" in out.stdout
+    assert "step 40" in out.stdout and "preprocess: 30/40 inputs" in out.stdout \
+        and "27s (5s start-up)" in " ".join(out.stdout.split())
     assert ENDPOINT not in out.stdout  # the run stopped long ago: its endpoint is gone
     live = render({**summarize(run), "status": "running"})
     console = Console(file=io.StringIO(), width=120, record=True, no_color=True)

@@ -77,6 +77,14 @@ def bit_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
     return per_bit.mean(), per_bit.detach().mean(2).sum(0), correct.sum((0, 2))
 
 
+def poison_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """`loss` for backward, times NaN when it is not finite. A loss can be inf while its gradients are finite (an
+    inf constant term); NaN gradients make every engine skip the step by its non-finite gradient-norm rule, on every
+    rank (the gradient reductions carry the NaN), with no host sync. Times 1.0 otherwise: gradients bit-identical."""
+    scale = torch.ones_like(loss).masked_fill(~torch.isfinite(loss.detach()), float("nan"))
+    return loss * scale
+
+
 def breakdown(token_loss: torch.Tensor, token_correct: torch.Tensor, samples: int, latent_dim: int,
               frame_ids: torch.Tensor, scale_ids: torch.Tensor) -> dict[str, float]:
     """Per-scale and per-frame losses and the overall bit accuracy from per-token sums."""

@@ -140,7 +140,7 @@ class VideoARTrainer(TrainerCheckpoints):
                                       self.curriculum.total_steps, self.device)
         self.step = 0
         self.consumed_tokens = 0  # video tokens of every sample consumed, over all stages
-        self.skipped_steps = 0  # steps skipped for a non-finite gradient norm, over the run
+        self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient norm, over the run
         self.nonfinite_run = 0  # ... in a row, up to the last step
         self._stage_index, self._data, self._quantizer = -1, None, None
         self.ckpt_dir = out_dir(cfg) / "checkpoints"
