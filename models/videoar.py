@@ -24,6 +24,7 @@ from models.layout import Block, SequenceLayout
 from models.rope import apply_rope, rope_angles
 from models.validation import check, check_choice
 
+PRESET_SIZES = ("depth", "width", "heads")
 PRESETS = {  # (depth, width, heads)
     "tiny": (4, 128, 4),
     "small": (12, 512, 8),

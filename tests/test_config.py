@@ -69,3 +69,40 @@ def test_cli_help_lists_keys_and_bad_values_exit_2():
     bad = subprocess.run([sys.executable, "-m", "trainer.train_tokenizer", "quantizer.up=sideways"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "quantizer.up: 'sideways' is not one of" in bad.stderr
+
+
+@pytest.mark.parametrize("preset, sizes", [("small", (12, 512, 8)), ("L", (24, 1536, 12)), ("XL", (32, 2048, 16))])
+def test_a_model_preset_from_the_cli_sets_the_sizes_and_explicit_sizes_win(preset, sizes):
+    v = load_config(None, [f"videoar.preset={preset}"]).videoar
+    assert (v.depth, v.width, v.heads) == sizes
+    v = load_config(None, [f"videoar.preset={preset}", "videoar.depth=2"]).videoar
+    assert (v.depth, v.width, v.heads) == (2, *sizes[1:])
+    with pytest.raises(ConfigError, match=r"videoar\.depth: must be >= 1 \(or come from a preset\)"):
+        load_config(None, ["videoar.preset=custom"])
+
+
+@pytest.mark.parametrize("name, sizes, world, tp", [("videoar_l", (24, 1536, 12), 32, 1),
+                                                    ("videoar_xl", (32, 2048, 16), 64, 2)])
+def test_cluster_presets_build_the_paper_shapes_on_valid_layouts(name, sizes, world, tp):
+    """The L/XL presets: model shape and parameter count (built on the meta device: no memory), a parallel layout
+    that divides the world, batches that divide over data parallelism, and an sbatch script that renders."""
+    import torch
+
+    from jobs.slurm import render_sbatch
+    from models.videoar import VideoAR
+
+    cfg = load_config(ROOT / f"configs/{name}.yaml")
+    v, p = cfg.videoar, cfg.parallel
+    assert (v.depth, v.width, v.heads) == sizes and cfg.videoar_train.precision == "bf16"
+    with torch.device("meta"):
+        model = VideoAR(v, cfg.tokenizer.latent_dim)
+    w = v.width  # per block: qkv + proj, SwiGLU gate/up/down, two RMSNorms, q/k norms
+    per_block = 4 * w * w + 3 * w * v.mlp_hidden + 2 * w + 2 * v.head_dim
+    assert sum(t.numel() for t in model.blocks.parameters()) == v.depth * per_block
+    assert cfg.slurm.nodes * cfg.slurm.procs_per_node == world and p.tp == tp
+    assert world % (p.tp * p.pp) == 0 and v.heads % p.tp == 0 and cfg.slurm.gpus_per_node % p.tp == 0
+    dp = world // (p.tp * p.pp)
+    for stage in cfg.curriculum:
+        assert stage.global_batch % (stage.micro_batch * dp) == 0, stage.name
+    script = render_sbatch(cfg, f"runs/{name}/slurm/config.yaml")
+    assert f"--nodes={cfg.slurm.nodes}" in script and f"--nproc {cfg.slurm.procs_per_node}" in script

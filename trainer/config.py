@@ -26,7 +26,7 @@ from models.quantizer import QuantizerConfig
 from models.sampler import SamplingConfig
 from models.tokenizer import TokenizerConfig
 from models.validation import ConfigError, check, check_choice
-from models.videoar import VideoARConfig
+from models.videoar import PRESET_SIZES, VideoARConfig
 from parallel.config import ParallelConfig
 from trainer.curriculum import Curriculum, StageConfig
 
@@ -185,7 +185,12 @@ class Config:
 def _build(layers: list[Any], source: str | Path | None = None) -> Config:
     """Merge OmegaConf layers into a validated Config; OmegaConf's errors become ConfigErrors naming the key."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), *layers))
+        schema = OmegaConf.structured(Config)
+        # the schema's nested defaults come from instances whose __post_init__ already filled the model sizes from
+        # the default preset; unset them so the preset chosen in the YAML/CLI decides (explicit sizes still win)
+        for name in PRESET_SIZES:
+            schema.videoar[name] = None
+        return OmegaConf.to_object(OmegaConf.merge(schema, *layers))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}" + (f" (in {source})" if source else "")) from None
