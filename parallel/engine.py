@@ -25,7 +25,7 @@ from models.videoar import VideoAR
 from parallel.config import ParallelConfig
 from parallel.pipeline import make_schedule, split_for_pipeline
 from parallel.topology import Topology
-from trainer.objective import MicroBatch, bit_loss, poison_if_nonfinite
+from trainer.objective import MicroBatch, bit_loss, poison_if_nonfinite, scale_loss_weights
 from trainer.schedules import param_groups, warmup_cosine
 
 
@@ -86,11 +86,12 @@ class TorchEngine:
         if self.topo.pp > 1:
             return self._pipeline(micro, layout)
         autocast = self.tcfg.precision == "bf16"
+        weights = scale_loss_weights(layout, self.tcfg.scale_loss_weight)
         loss_sum, tl, tc = torch.zeros(()), 0, 0
         for mb in micro:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = self.model(mb.cond, mb.features, layout, mb.mask, mb.drop)
-            loss, token_loss, token_correct = bit_loss(logits, mb.targets)
+            loss, token_loss, token_correct = bit_loss(logits, mb.targets, weights)
             (poison_if_nonfinite(loss) / len(micro)).backward()
             loss_sum, tl, tc = loss_sum + loss.detach(), tl + token_loss, tc + token_correct
         return loss_sum / len(micro), tl, tc
@@ -100,9 +101,10 @@ class TorchEngine:
         self.module.layout = layout
         key = (layout, n, len(micro[0]))
         stats = []
+        weights = scale_loss_weights(layout, self.tcfg.scale_loss_weight)
 
         def loss_fn(logits, targets):
-            loss, token_loss, token_correct = bit_loss(logits, targets.bool())
+            loss, token_loss, token_correct = bit_loss(logits, targets.bool(), weights)
             stats.append((loss.detach(), token_loss, token_correct))
             return poison_if_nonfinite(loss)
 
@@ -262,9 +264,10 @@ class DeepSpeedEngine:
         self.engine.train()
         self._skipped_before = self.engine.skipped_steps
         loss_sum, tl, tc = torch.zeros(()), 0, 0
+        weights = scale_loss_weights(layout, self.tcfg.scale_loss_weight)
         for mb in micro:
             logits = self.engine(mb.cond, mb.features, layout, mb.mask, mb.drop)
-            loss, token_loss, token_correct = bit_loss(logits, mb.targets)
+            loss, token_loss, token_correct = bit_loss(logits, mb.targets, weights)
             self.engine.backward(poison_if_nonfinite(loss))  # scaled by 1/accumulation inside
             self.engine.step()  # updates only at the accumulation boundary
             loss_sum, tl, tc = loss_sum + loss.detach(), tl + token_loss, tc + token_correct

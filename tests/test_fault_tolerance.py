@@ -55,8 +55,8 @@ def test_an_inf_loss_with_finite_gradients_is_skipped_too(clips_dir, tokenizer_c
     trainer = VideoARTrainer(cfg, progress=False)
     real = parallel.engine.bit_loss
 
-    def inf_at_third_step(logits, targets):
-        loss, token_loss, token_correct = real(logits, targets)
+    def inf_at_third_step(logits, targets, weights=None):
+        loss, token_loss, token_correct = real(logits, targets, weights)
         return (loss + float("inf") if trainer.step == 2 else loss), token_loss, token_correct
 
     monkeypatch.setattr(parallel.engine, "bit_loss", inf_at_third_step)

@@ -21,9 +21,9 @@ MODEL = ["videoar.depth=4", "videoar.width=32", "videoar.heads=2", "videoar_trai
          "videoar_train.grad_clip=0.05"]  # a small clip so clipping is active and must agree across ranks
 
 
-def cfg_for(clips_dir, tokenizer_ckpt, run_dir, tp=1, pp=1, zero=0):
+def cfg_for(clips_dir, tokenizer_ckpt, run_dir, tp=1, pp=1, zero=0, *extra):
     return make_cfg(clips_dir, tokenizer_ckpt, run_dir, STAGE, *MODEL, f"parallel.tp={tp}", f"parallel.pp={pp}",
-                    f"parallel.zero_stage={zero}")
+                    f"parallel.zero_stage={zero}", *extra)
 
 
 def _train_and_resume(rank, world, clips_dir, tokenizer_ckpt, run_dir, tp, pp, zero, out):
@@ -90,6 +90,35 @@ def test_layout_equals_single_process_and_resumes(world, tp, pp, zero, clips_dir
             print("DIFF", name, rel)
     print(f"worst relative weight difference: {worst:.2e}")
     assert worst <= 1e-5
+
+
+WEIGHTED = "videoar_train.scale_loss_weight=sqrt_area"
+
+
+def _weighted_losses(rank, world, clips_dir, tokenizer_ckpt, run_dir, tp, pp, zero, out):
+    from trainer.train_videoar import VideoARTrainer
+
+    run = VideoARTrainer(cfg_for(clips_dir, tokenizer_ckpt, run_dir, tp, pp, zero, WEIGHTED), progress=False).train()
+    torch.save({"losses": run.losses}, f"{out}/weighted{rank}.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, tp, pp, zero", [(2, 1, 2, 0), (2, 1, 1, 1)], ids=["pipeline", "deepspeed"])
+def test_per_scale_loss_weights_reach_the_pipeline_and_deepspeed_losses(world, tp, pp, zero, clips_dir,
+                                                                        tokenizer_ckpt, tmp_path):
+    """With `scale_loss_weight=sqrt_area` the pipeline stage's loss function and the DeepSpeed engine weight the
+    tokens like one process: the 5 losses (each a weighted forward after updates from weighted gradients) equal the single-process run to 1e-5. Weights are not compared here: AdamW turns the
+    summation-order noise of a near-zero head-bias gradient into ~1e-3 relative on head.bias, even in one
+    process when only the micro-batch split changes (measured), while every other tensor agrees to ~1e-5."""
+    from trainer.train_videoar import VideoARTrainer
+
+    ref = VideoARTrainer(cfg_for(clips_dir, tokenizer_ckpt, tmp_path / "single", 1, 1, 0, WEIGHTED),
+                         progress=False).train().losses
+    plain = VideoARTrainer(cfg_for(clips_dir, tokenizer_ckpt, tmp_path / "plain"), progress=False).train().losses
+    assert abs(ref[-1] - plain[-1]) > 1e-4  # the weighting changes the run (step 1 is ln 2 for any weights)
+    run_ranks(world, _weighted_losses, clips_dir, tokenizer_ckpt, tmp_path / "run", tp, pp, zero, tmp_path)
+    for r in range(world):
+        assert torch.load(tmp_path / f"weighted{r}.pt", weights_only=True)["losses"] == pytest.approx(ref, rel=1e-5)
 
 
 def _train_save_and_sample(rank, world, clips_dir, tokenizer_ckpt, run_dir, out):

@@ -40,9 +40,12 @@ def test_resume_refuses_a_changed_curriculum(clips_dir, tokenizer_ckpt, tmp_path
         VideoARTrainer(changed, progress=False).train()
 
 
-def test_metrics_report_stage_flip_and_breakdowns(clips_dir, tokenizer_ckpt, tmp_path):
+@pytest.mark.parametrize("weighting", ["none", "sqrt_area"])
+def test_metrics_report_stage_flip_and_breakdowns(clips_dir, tokenizer_ckpt, tmp_path, weighting):
+    """The logged loss is the optimized one: with `sqrt_area` a token of scale k weighs sqrt(H*W / (h_k*w_k))
+    (normalized to mean 1); the per-scale losses stay plain means, so the total is their weighted mean."""
     import json
-    cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path, TWO_STAGES)
+    cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path, TWO_STAGES, f"videoar_train.scale_loss_weight={weighting}")
     run = train_videoar(cfg, progress=False)
     recs = [json.loads(line) for line in run.metrics.read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
@@ -52,8 +55,28 @@ def test_metrics_report_stage_flip_and_breakdowns(clips_dir, tokenizer_ckpt, tmp
     assert "loss_scale2" not in recs[0] and "loss_scale2" in recs[-1]  # the scale schedule grew at the switch
     for r in recs:  # the per-scale losses are token-weighted parts of the total
         sizes = [1, 4] if r["stage"] == "low" else [1, 4, 16]
-        total = sum(r[f"loss_scale{k}"] * n for k, n in enumerate(sizes)) / sum(sizes)
+        w = [(sizes[-1] / n) ** 0.5 if weighting == "sqrt_area" else 1.0 for n in sizes]
+        total = sum(r[f"loss_scale{k}"] * n * w[k] for k, n in enumerate(sizes)) / sum(n * wk for n, wk in zip(sizes, w))
         assert total == pytest.approx(r["loss"], rel=1e-5)
+
+
+def test_scale_loss_weights_and_the_weighted_bit_loss():
+    from models.layout import SequenceLayout
+    from trainer.objective import bit_loss, scale_loss_weights
+
+    layout = SequenceLayout(prefix_len=3, num_frames=2, sizes=((1, 1), (2, 2), (4, 4)))
+    assert scale_loss_weights(layout, "none") is None
+    w = scale_loss_weights(layout, "sqrt_area")
+    per_frame = [4.0] + [2.0] * 4 + [1.0] * 16  # sqrt(16 / area) per token of one frame
+    assert torch.allclose(w, torch.tensor(per_frame * 2) * 42 / 56)  # 2 frames x 21 tokens, raw sum 2 x 28
+    logits, targets = torch.randn(2, 42, 5, 2), torch.rand(2, 42, 5) > 0.5
+    plain, tl, tc = bit_loss(logits, targets)
+    same, tl1, tc1 = bit_loss(logits, targets, torch.ones(42))
+    weighted, tl2, _ = bit_loss(logits, targets, w)
+    assert torch.allclose(plain, same) and torch.equal(tl, tl1) and torch.equal(tc, tc1) and torch.equal(tl, tl2)
+    assert torch.allclose(weighted, (tl / 2 * w).mean())  # tl: per-token bit-mean loss summed over the batch
+    with pytest.raises(ValueError, match="scale_loss_weight: 'cubic' is not one of"):
+        scale_loss_weights(layout, "cubic")
 
 
 def test_overfit_then_greedy_sampling_reproduces_training_bits(clips_dir, tokenizer_ckpt, tmp_path):

@@ -29,6 +29,7 @@ from models.validation import ConfigError, check, check_choice
 from models.videoar import PRESET_SIZES, VideoARConfig
 from parallel.config import ParallelConfig
 from trainer.curriculum import Curriculum, StageConfig
+from trainer.objective import SCALE_LOSS_WEIGHTS
 
 
 @dataclass
@@ -112,6 +113,7 @@ class VideoARTrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     flip_p_min: float = 0.0  # CFEC p_min (DESIGN §3.6); p_max comes from the curriculum
     flip_delta: float = 0.01  # CFEC per-frame increase of the flip-ratio bounds
+    scale_loss_weight: str = "none"  # none | sqrt_area: coarse-scale tokens weigh sqrt(H*W / (h_k*w_k)) (Infinity)
     log_every: int = 10
     ckpt_every: int = 100  # also at every stage switch and at the end
     keep_last: int = 3  # committed checkpoints kept
@@ -130,6 +132,7 @@ class VideoARTrainConfig:
               f"must be two numbers in [0, 1), got {list(self.betas)}")
         check(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0 (0 disables)")
         check_choice(f"{p}.precision", self.precision, ("fp32", "bf16"))
+        check_choice(f"{p}.scale_loss_weight", self.scale_loss_weight, SCALE_LOSS_WEIGHTS)
         check(0 <= self.flip_p_min <= 1 and self.flip_delta >= 0, f"{p}.flip_p_min/flip_delta",
               "need p_min in [0, 1] and delta >= 0")
 

@@ -10,7 +10,9 @@ same training run as one process.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -69,12 +71,35 @@ def prepare_batch(quantizer: MultiScaleBitwiseQuantizer, layout: SequenceLayout,
                       cond, torch.cat(drop), mask, torch.stack(ratios).float())
 
 
-def bit_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean per-bit cross-entropy, and per-token sums over the batch (detached) of the loss and correct bits."""
+SCALE_LOSS_WEIGHTS = ("none", "sqrt_area")
+
+
+@lru_cache(maxsize=32)  # one per curriculum stage shape; read-only
+def scale_loss_weights(layout: SequenceLayout, mode: str) -> torch.Tensor | None:
+    """Per video token, the weight of its loss (DESIGN §3.5, optional per-scale reweighting), or None for a plain
+    mean. `sqrt_area` is Infinity's `reweight_loss_by_scale`: a token of scale k weighs sqrt(H*W / (h_k*w_k)), so
+    the few coarse tokens that set a frame's layout count for more; normalized to mean 1, so the loss keeps its
+    scale (ln 2 for an untrained head)."""
+    if mode == "none":
+        return None
+    if mode != "sqrt_area":
+        raise ValueError(f"videoar_train.scale_loss_weight: {mode!r} is not one of {list(SCALE_LOSS_WEIGHTS)}")
+    H, W = layout.sizes[-1]
+    per_scale = torch.tensor([math.sqrt(H * W / (h * w)) for h, w in layout.sizes], dtype=torch.float64)
+    _, scale_ids = layout.token_ids()
+    w = per_scale[scale_ids[layout.prefix_len:]]
+    return (w / w.mean()).float()
+
+
+def bit_loss(logits: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-bit cross-entropy averaged over bits and tokens (tokens weighted by `token_weights`, mean 1, when
+    given), and per-token sums over the batch (detached, unweighted) of the loss and correct bits."""
     logits = logits.float()
     per_bit = F.cross_entropy(logits.reshape(-1, 2), targets.reshape(-1).long(), reduction="none").view(targets.shape)
     correct = ((logits[..., 1] > logits[..., 0]) == targets).float()
-    return per_bit.mean(), per_bit.detach().mean(2).sum(0), correct.sum((0, 2))
+    loss = per_bit.mean() if token_weights is None else (per_bit.mean(2) * token_weights.to(per_bit.device)).mean()
+    return loss, per_bit.detach().mean(2).sum(0), correct.sum((0, 2))
 
 
 def poison_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
