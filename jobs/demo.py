@@ -82,6 +82,16 @@ def train_with_preemption(cfg: Config, preempt_at: int) -> tuple[int, float]:
     return stopped, time.time() - t0
 
 
+def _copy_clips(paths: list[Path], dst: Path) -> Path:
+    """`paths` (with their caption sidecars) copied into `dst`, so a preprocessing job sees just these."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        for src in (p, p.with_suffix(".json")):
+            if src.exists() and not (dst / src.name).exists():
+                (dst / src.name).write_bytes(src.read_bytes())
+    return dst
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = config_arg_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--preempt-at", type=int, default=100, help="simulate a preemption after this step (0: no)")
@@ -96,22 +106,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[2/5] tokenizer training ({cfg.tokenizer_train.steps} steps) -> {cfg.run_dir / 'tokenizer'}", flush=True)
     tok = finished_tokenizer(cfg) or train_tokenizer(cfg)
 
-    held = sorted(Path(d.clips_dir).glob("*.mp4"))[-d.heldout_clips:]  # the clips training holds out
-    train_dir = cfg.run_dir / "train-clips"  # preprocessing sees the training clips only
-    train_dir.mkdir(parents=True, exist_ok=True)
-    for p in sorted(Path(d.clips_dir).glob("*.mp4"))[:-d.heldout_clips]:
-        for src in (p, p.with_suffix(".json")):
-            dst = train_dir / src.name
-            if src.exists() and not dst.exists():
-                dst.write_bytes(src.read_bytes())
+    clips = sorted(Path(d.clips_dir).glob("*.mp4"))
+    held = clips[-d.heldout_clips:]  # the clips training holds out
+    train_dir = _copy_clips(clips[:-d.heldout_clips], cfg.run_dir / "train-clips")  # preprocessing sees these only
+    held_dir = _copy_clips(held, cfg.run_dir / "heldout-clips")
     shards = cfg.preprocess.output
-    print(f"[3/5] Ray preprocessing {train_dir} -> shards in {shards}", flush=True)
+    eval_shards = shards.rstrip("/") + "-heldout"
+    print(f"[3/5] Ray preprocessing {train_dir} -> shards in {shards} (held-out clips -> {eval_shards})", flush=True)
     pre_cfg = load_config(args.config, list(args.overrides) + [f"preprocess.input={train_dir}"])
     pre = preprocess(pre_cfg)
     print(f"      {pre.clips} clips -> {pre.shards} shards ({pre.bytes / 2**20:.1f} MB) in {pre.seconds:.0f} s; "
           f"{pre.skipped} videos already done, {pre.quarantined} quarantined", flush=True)
+    held_pre = preprocess(load_config(args.config, list(args.overrides) + [
+        f"preprocess.input={held_dir}", f"preprocess.output={eval_shards}", f"run.dir={cfg.run_dir / 'heldout'}"]))
+    print(f"      held-out: {held_pre.clips} clips -> {held_pre.shards} shards", flush=True)
 
-    train_cfg = load_config(args.config, list(args.overrides) + [f"data.shards={shards}"])
+    train_cfg = load_config(args.config, list(args.overrides) + [f"data.shards={shards}",
+                                                                 f"data.eval_shards={eval_shards}"])
     stages = ", ".join(f"{s.name} (to step {s.until_step}, {s.resolution[0]}x{s.resolution[1]}, {s.frames} frames)"
                        for s in train_cfg.curriculum)
     print(f"[4/5] VideoAR pretraining on {NPROC} processes: {stages} -> {out_dir(train_cfg)}", flush=True)
@@ -129,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         t2v = sample_to_files(ckpts, samples_dir / "class-to-video", class_ids=[0, 1], seed=cfg.run.seed)
         i2v = sample_to_files(ckpts, samples_dir / "image-to-video", class_ids=[0], init=held[0], seed=cfg.run.seed)
+    evals = [r for r in records if "eval/loss" in r]
+    heldout = "; ".join(f"step {r['step']}: bit loss {r['eval/loss']:.3f}, bit accuracy {r['eval/bit_acc']:.3f}"
+                        for r in evals[-2:]) or "-"
     by_stage: dict[str, list[dict]] = {}
     for r in records:
         by_stage.setdefault(r["stage"], []).append(r)
@@ -143,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
           f"  VideoAR:                 step {last.get('step')}, bit loss {math.log(2):.3f} (chance) -> "
           f"{last.get('loss', float('nan')):.3f}, bit accuracy {last.get('bit_acc', float('nan')):.3f}; "
           f"preempted at step {stopped or '-'} and resumed; {train_s:.0f} s on {NPROC} processes\n"
+          f"  held-out (plain teacher forcing): {heldout}\n"
           f"  throughput:              {throughput}\n"
           f"  checkpoints:             {ckpts}/ (latest: {(ckpts / 'latest').read_text().strip()})\n"
           f"  text-to-video samples:   {t2v.contact_sheet} and {len(t2v.videos)} .mp4\n"

@@ -118,6 +118,7 @@ def summarize(run_dir: str | Path, now: float | None = None, width: int = 40) ->
         meta = step_dir(vdir / "checkpoints", steps[-1]) / "metadata.json"
         ckpt = {"step": steps[-1], "path": str(meta.parent), "age_s": max(0.0, now - meta.stat().st_mtime)}
     endpoint = vdir / ENDPOINT_FILE
+    evals = [r for r in recs if _num(r.get("eval/loss")) is not None]
     pre_path = root / "preprocess" / "metrics.jsonl"
     pre = [r for r in read_jsonl(pre_path) if isinstance(r, dict)] if pre_path.is_file() else []
     return {
@@ -129,6 +130,9 @@ def summarize(run_dir: str | Path, now: float | None = None, width: int = 40) ->
         "sec_per_step": sec_per_step, "eta_s": eta, "checkpoint": ckpt,
         "metrics_endpoint": endpoint.read_text(encoding="utf-8").strip() if endpoint.is_file() else None,
         "trends": {k: sparkline([r.get(k) for r in recs], width) for k in TRENDS},
+        "eval": {"step": evals[-1].get("step"), "loss": _num(evals[-1]["eval/loss"]),
+                 "bit_acc": _num(evals[-1].get("eval/bit_acc")),
+                 "trend": sparkline([r["eval/loss"] for r in evals], width)} if evals else None,
         "preprocess": {k: pre[-1].get(k) for k in PREPROCESS} if pre else None,
     }
 
@@ -173,6 +177,9 @@ def render(summary: dict[str, Any]):
     step = f"{_f(s['step'], 'd')} / {_f(s['total_steps'], 'd')}"
     table.add_row("step", step + ("" if s["progress"] is None else f" ({_pct(s['progress'])})"), "")
     table.add_row("loss", f"{_f(s['loss'], '.4f')} (bit acc {_f(s['bit_acc'], '.3f')})", tr["loss"])
+    if (ev := s["eval"]) is not None:
+        table.add_row("held-out loss", f"{_f(ev['loss'], '.4f')} (bit acc {_f(ev['bit_acc'], '.3f')}, step "
+                                       f"{_f(ev['step'], 'd')})", ev["trend"])
     per_dev = "" if s["tokens_per_s_per_device"] is None else f" ({_si(s['tokens_per_s_per_device'])}/dev)"
     table.add_row("tokens/s", _si(s["tokens_per_s"]) + per_dev, tr["tokens_per_s"])
     table.add_row("MFU", _pct(s["mfu"]), tr["mfu"])

@@ -96,7 +96,23 @@ class TorchEngine:
             loss_sum, tl, tc = loss_sum + loss.detach(), tl + token_loss, tc + token_correct
         return loss_sum / len(micro), tl, tc
 
-    def _pipeline(self, micro: list[MicroBatch], layout: SequenceLayout) -> tuple[torch.Tensor, ...]:
+    def evaluate(self, micro: list[MicroBatch], layout: SequenceLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward only: per-token sums over `micro` of the bit loss and of the correct bits (shared with the
+        whole pipeline group under pp)."""
+        self.module.eval()
+        if self.topo.pp > 1:
+            return self._pipeline(micro, layout, train=False)[1:]
+        tl, tc = 0, 0
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                             enabled=self.tcfg.precision == "bf16"):
+            for mb in micro:
+                _, token_loss, token_correct = bit_loss(self.model(mb.cond, mb.features, layout, mb.mask, mb.drop),
+                                                        mb.targets)
+                tl, tc = tl + token_loss, tc + token_correct
+        return tl, tc
+
+    def _pipeline(self, micro: list[MicroBatch], layout: SequenceLayout, train: bool = True
+                  ) -> tuple[torch.Tensor, ...]:
         n = len(micro)
         self.module.layout = layout
         key = (layout, n, len(micro[0]))
@@ -116,12 +132,13 @@ class TorchEngine:
         cat = lambda name: torch.cat([getattr(m, name) for m in micro])  # noqa: E731
         mask = torch.cat([m.mask if m.mask is not None else self.model.tensors(layout).mask.expand(len(m), -1, -1)
                           for m in micro])
+        run = schedule.step if train else schedule.eval  # eval: forward only
         if self.topo.is_first_stage:
-            schedule.step(cat("features"), cat("cond"), cat("drop").float(), mask.float())
+            run(cat("features"), cat("cond"), cat("drop").float(), mask.float())
         elif self.topo.is_last_stage:
-            schedule.step(target=cat("targets").float(), losses=[])
+            run(target=cat("targets").float(), losses=[])
         else:
-            schedule.step()
+            run()
         lv, d = micro[0].targets.shape[1:]
         # a new schedule's first step also runs the loss once on placeholder tensors (shape inference): keep the
         # last n, the real micro-batches
@@ -272,6 +289,17 @@ class DeepSpeedEngine:
             self.engine.step()  # updates only at the accumulation boundary
             loss_sum, tl, tc = loss_sum + loss.detach(), tl + token_loss, tc + token_correct
         return loss_sum / len(micro), tl, tc
+
+    def evaluate(self, micro: list[MicroBatch], layout: SequenceLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward only (ZeRO-3 gathers the parameters as in training): per-token loss and correct-bit sums."""
+        self.engine.eval()
+        tl, tc = 0, 0
+        with torch.no_grad():
+            for mb in micro:
+                _, token_loss, token_correct = bit_loss(self.engine(mb.cond, mb.features, layout, mb.mask, mb.drop),
+                                                        mb.targets)
+                tl, tc = tl + token_loss, tc + token_correct
+        return tl, tc
 
     def step(self) -> tuple[float, bool]:
         """The update already happened at the accumulation boundary; DeepSpeed itself skips a step with a

@@ -184,13 +184,32 @@ def test_resume_under_another_data_parallel_size(s3_shards, s3_endpoint):
     assert all(abs(x.bytes_read - total / 2) <= total * 0.25 for x in readers)
 
 
-def test_trainer_trains_from_s3_shards(s3_shards, s3_endpoint, clips_dir, tokenizer_ckpt, tmp_path):
-    cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path, STAGE, "data.shards=s3://shards/out",
-                   f"data.endpoint_url={s3_endpoint}")
+def test_trainer_trains_from_s3_shards(s3_shards, s3_endpoint, clips_dir, tokenizer_ckpt, tmp_path, caplog):
+    """Training and held-out evaluation read S3 shards (here the same ones: the path is what is tested); without
+    data.eval_shards the evaluation is off and the trainer says so."""
+    import logging
+
+    from trainer.evaluate import eval_count
+    from trainer.metrics import read_jsonl
+
+    cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path / "a", STAGE, "data.shards=s3://shards/out",
+                   f"data.endpoint_url={s3_endpoint}", "videoar_train.eval_every=3",
+                   "data.eval_shards=s3://shards/out")
     trainer = VideoARTrainer(cfg, progress=False)
     run = trainer.train()
     assert run.step == 3 and all(np.isfinite(run.losses))
     assert isinstance(trainer._data, ShardSet) and trainer._data.bytes_read > 0
+    held = trainer.evaluator._data
+    assert isinstance(held, ShardSet) and held.bytes_read > 0
+    last = read_jsonl(tmp_path / "a" / "videoar" / "metrics.jsonl")[-1]
+    assert last["eval/samples"] == eval_count(len(held), 1, 2)[0] > 0 and 0 < last["eval/loss"] < 0.7
+
+    no_eval = make_cfg(clips_dir, tokenizer_ckpt, tmp_path / "b", STAGE, "data.shards=s3://shards/out",
+                       f"data.endpoint_url={s3_endpoint}", "videoar_train.eval_every=3")
+    with caplog.at_level(logging.WARNING, logger="train_videoar"):
+        VideoARTrainer(no_eval, progress=False).train(max_steps=1)
+    assert "data.shards is set without data.eval_shards: no held-out evaluation" in caplog.text
+    assert not any("eval/loss" in r for r in read_jsonl(tmp_path / "b" / "videoar" / "metrics.jsonl"))
 
 
 def test_interrupted_run_resumes_without_duplicates(s3_shards, s3_endpoint):

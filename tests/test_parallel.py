@@ -1,10 +1,10 @@
 """Every dp x pp x tp layout (and ZeRO stage) computes the same training run as one process (gloo, CPU).
 
 Each layout trains 3 steps, checkpoints, then a fresh trainer in the same processes resumes and trains steps
-4-5. The 5 losses and the final weights (tensor-parallel shards concatenated, pipeline stages merged) must equal
-an uninterrupted single-process run with Cross-Frame Error Correction, the Random Frame Mask and condition
-dropout on: relative 1e-5 on losses and on every weight tensor (Frobenius norm of the difference) after 5
-AdamW steps (only the summation order differs between layouts).
+4-5. The 5 losses, the held-out evaluation at step 5 and the final weights (tensor-parallel shards concatenated,
+pipeline stages merged) must equal an uninterrupted single-process run with Cross-Frame Error Correction, the
+Random Frame Mask and condition dropout on: relative 1e-5 on losses and on every weight tensor (Frobenius norm of
+the difference) after 5 AdamW steps (only the summation order differs between layouts).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from parallel.launch import run_local as run_ranks
 STAGE = ("curriculum=[{name: s, until_step: 5, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
          "global_batch: 4, micro_batch: 1, flip_start: 0.2, flip_end: 0.3, p_mask: 0.3, window: 1}]")
 MODEL = ["videoar.depth=4", "videoar.width=32", "videoar.heads=2", "videoar_train.ckpt_every=100",
-         "videoar_train.grad_clip=0.05"]  # a small clip so clipping is active and must agree across ranks
+         "videoar_train.grad_clip=0.05",  # a small clip so clipping is active and must agree across ranks
+         "videoar_train.eval_every=5"]  # held-out evaluation at step 5 (and at the end of the 3-step run)
 
 
 def cfg_for(clips_dir, tokenizer_ckpt, run_dir, tp=1, pp=1, zero=0, *extra):
@@ -44,9 +45,18 @@ def _train_and_resume(rank, world, clips_dir, tokenizer_ckpt, run_dir, tp, pp, z
 def reference(clips_dir, tokenizer_ckpt, tmp_path_factory):
     from trainer.train_videoar import VideoARTrainer
 
-    trainer = VideoARTrainer(cfg_for(clips_dir, tokenizer_ckpt, tmp_path_factory.mktemp("single")), progress=False)
+    run_dir = tmp_path_factory.mktemp("single")
+    trainer = VideoARTrainer(cfg_for(clips_dir, tokenizer_ckpt, run_dir), progress=False)
     run = trainer.train()
-    return run.losses, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return run.losses, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, last_eval(run_dir)
+
+
+def last_eval(run_dir) -> dict[str, float]:
+    """The eval/* losses of the last record that has them (rank 0's metrics)."""
+    from trainer.metrics import read_jsonl
+
+    rec = [r for r in read_jsonl(run_dir / "videoar" / "metrics.jsonl") if "eval/loss" in r][-1]
+    return {k: v for k, v in rec.items() if k.startswith("eval/loss") or k in ("step", "eval/samples")}
 
 
 def merge(results: list[dict]) -> dict[str, torch.Tensor]:
@@ -73,8 +83,10 @@ LAYOUTS = [  # (world, tp, pp, zero)
                                                               for w, t, p, z in LAYOUTS])
 def test_layout_equals_single_process_and_resumes(world, tp, pp, zero, clips_dir, tokenizer_ckpt, tmp_path,
                                                    reference):
-    ref_losses, ref_state = reference
+    ref_losses, ref_state, ref_eval = reference
     run_ranks(world, _train_and_resume, clips_dir, tokenizer_ckpt, tmp_path / "run", tp, pp, zero, tmp_path)
+    got_eval = last_eval(tmp_path / "run")  # held-out loss at step 5: per-token sums added over the dp ranks
+    assert got_eval == pytest.approx(ref_eval, rel=1e-5) and ref_eval["step"] == 5 and ref_eval["eval/samples"] == 4
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for r in results:
         assert r["start"] == 3
@@ -153,7 +165,7 @@ def test_reshard_and_consolidate(clips_dir, tokenizer_ckpt, tmp_path, reference)
     from trainer.tokenizer_ckpt import load_tokenizer
     from trainer.train_videoar import VideoARTrainer
 
-    ref_losses, _ = reference
+    ref_losses, _, _ = reference
     run_ranks(4, _train_save_and_sample, clips_dir, tokenizer_ckpt, tmp_path / "a", tmp_path)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
 

@@ -36,6 +36,9 @@ def write_run(run: Path) -> Path:
             rec(60, 170, "high-res", 1, loss=0.45, tokens_per_s=3500.0, mfu=0.41, data_wait_frac=0.10),
             rec(70, 190, "high-res", 1, loss=0.4, tokens_per_s=4096.0, tokens_per_s_per_device=1024.0, mfu=0.42,
                 data_wait_frac=0.05, consumed_tokens=123456, lr=1e-4, grad_norm=0.5, bit_acc=0.75)]
+    first[-1].update({"eval/loss": 0.8, "eval/bit_acc": 0.6})  # held-out evaluation at 40 and 60
+    crashed.update({"eval/loss": 9.9})  # replaced by the redo: never shown
+    redo[1].update({"eval/loss": 0.5, "eval/bit_acc": 0.7})
     lines = [json.dumps(r) for r in [old, *first, crashed, *redo]]
     (v / "metrics.jsonl").write_text("\n".join(lines) + '\n{"time": 1700000200.0, "step": 80, "sta')
     for step in (20, 40):
@@ -89,6 +92,7 @@ def test_summarize(run):
     ck = s["checkpoint"]  # newest committed step: 40, not the uncommitted step-00000050
     assert (ck["step"], Path(ck["path"]).name, ck["age_s"]) == (40, "step-00000040", 200 - 45)
     assert s["metrics_endpoint"] == ENDPOINT
+    assert s["eval"] == {"step": 60, "loss": 0.5, "bit_acc": 0.7, "trend": sparkline([0.8, 0.5])}
     assert s["preprocess"]["clips"] == 120 and s["preprocess"]["inputs_total"] == 40
 
 
@@ -115,6 +119,7 @@ def test_cli_table_json_watch_help(run, capsys):
                          capture_output=True, env={**os.environ, "COLUMNS": "120"}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "high-res" in out.stdout and "70 / 100" in out.stdout and "\x1b[" not in out.stdout
+    assert "held-out loss" in out.stdout and "0.5000 (bit acc 0.700, step 60)" in out.stdout
     assert "step 40" in out.stdout and "preprocess: 30/40 inputs" in out.stdout \
         and "27s (5s start-up)" in " ".join(out.stdout.split())
     assert ENDPOINT not in out.stdout  # the run stopped long ago: its endpoint is gone

@@ -139,3 +139,34 @@ def test_activation_checkpointing_changes_memory_not_results(clips_dir, tokenize
         runs.append((t.train().losses, t.model.state_dict()))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1].values(), runs[1][1].values()))
+
+
+def test_heldout_evaluation_is_plain_teacher_forcing_on_unseen_clips_and_leaves_training_alone(
+        clips_dir, tokenizer_ckpt, tmp_path):
+    """eval/* every 2 steps: ln 2 for the zero-initialised head, the per-scale parts add up, the held-out windows
+    come from the 2 held-out clips only, and the training losses equal a run without evaluation (bit-exact)."""
+    import json
+    import math
+
+    from trainer.evaluate import eval_count
+
+    plain = VideoARTrainer(make_cfg(clips_dir, tokenizer_ckpt, tmp_path / "plain", TWO_STAGES), progress=False)
+    reference = plain.train().losses
+    trainer = VideoARTrainer(make_cfg(clips_dir, tokenizer_ckpt, tmp_path / "eval", TWO_STAGES,
+                                      "videoar_train.eval_every=2"), progress=False)
+    first = trainer.evaluate()  # before any step: p = 1/2 for every bit
+    assert first["eval/loss"] == pytest.approx(math.log(2), rel=1e-6) and first["eval/samples"] == 4
+    held, train = trainer.evaluator._data, trainer._data
+    assert (len(held), len(train)) == (4, 12)  # 2 windows of 5 frames per 13-frame clip; 2 of 8 clips held out
+    assert not any(torch.equal(h, t) for h in held.latents for t in train.latents)
+    assert trainer.train().losses == reference
+    recs = [json.loads(line) for line in (tmp_path / "eval" / "videoar" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in recs if "eval/loss" in r}
+    assert sorted(evals) == [2, 4, 6]
+    for step, r in evals.items():
+        sizes = [1, 4] if r["stage"] == "low" else [1, 4, 16]
+        total = sum(r[f"eval/loss_scale{k}"] * n for k, n in enumerate(sizes)) / sum(sizes)
+        assert total == pytest.approx(r["eval/loss"], rel=1e-5)
+        assert r["eval/loss"] < math.log(2) and 0.5 < r["eval/bit_acc"] < 1
+    assert [eval_count(10, 2, 2), eval_count(3, 2, 2), eval_count(1, 2, 2), eval_count(10, 1, 1, limit=3),
+            eval_count(7, 2, 4)] == [(8, 2), (2, 1), (0, 0), (3, 1), (6, 3)]

@@ -60,6 +60,8 @@ class DataConfig:
     fps: float = 8.0
     heldout_clips: int = 2  # the last N clips (sorted by name) are held out for evaluation
     shards: str = ""  # VideoAR trains from these preprocessed shards (dir or s3://...); "" = encode clips_dir
+    eval_shards: str = ""  # held-out preprocessed shards for videoar_train.eval_every when training reads `shards`
+    #                        ("" with `shards` set: no held-out evaluation, said once at start-up)
     endpoint_url: str = ""  # S3 endpoint (e.g. http://127.0.0.1:9000); "" = AWS_ENDPOINT_URL / AWS config
     loader_workers: int = 4  # threads fetching samples (ranged reads) from shards
 
@@ -121,6 +123,8 @@ class VideoARTrainConfig:
     async_save: bool = False  # periodic checkpoints written by a background thread (ZeRO-0 engine only)
     max_nonfinite_steps: int = 5  # a step with non-finite gradients is skipped; this many in a row stop the run
     sample_ledger: bool = False  # each rank appends the sample keys of every step to samples/rank-XXXXX.jsonl
+    eval_every: int = 0  # held-out bit loss/accuracy every this many steps and at the end (trainer/evaluate.py); 0 = off
+    eval_samples: int = 0  # at most this many held-out samples per evaluation; 0 = all
 
     def __post_init__(self) -> None:
         p = "videoar_train"
@@ -128,6 +132,7 @@ class VideoARTrainConfig:
             check(getattr(self, name) >= 1, f"{p}.{name}", f"must be >= 1, got {getattr(self, name)}")
         check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, f"{p}.lr/min_lr_ratio", "need lr > 0, ratio in [0, 1]")
         check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
+        check(self.eval_every >= 0 and self.eval_samples >= 0, f"{p}.eval_every/eval_samples", "must be >= 0")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas",
               f"must be two numbers in [0, 1), got {list(self.betas)}")
         check(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0 (0 disables)")

@@ -34,6 +34,7 @@ from parallel.topology import describe_failure
 from trainer.checkpoint import AsyncSaver
 from trainer.config import Config, config_arg_parser, config_from_args, save_config
 from trainer.curriculum import Curriculum, StageConfig
+from trainer.evaluate import HeldOutEvaluator
 from trainer.flops import measure_peak_flops, train_step_flops
 from trainer.metrics import JsonlLogger, MetricSinks
 from trainer.objective import breakdown, prepare_batch, sample_generator
@@ -72,20 +73,22 @@ def load_frozen_tokenizer(cfg: Config):
     return tok.requires_grad_(False)
 
 
-def stage_data(cfg: Config, tokenizer, stage: StageConfig, progress: bool):
+def stage_data(cfg: Config, tokenizer, stage: StageConfig, progress: bool, heldout: bool = False):
     """The stage's training samples: preprocessed shards (data.shards, local or S3) read through the streaming
-    loader, or else the windows of data.clips_dir (all but the held-out clips) encoded once and cached."""
+    loader, or else the windows of data.clips_dir (all but the held-out clips) encoded once and cached. With
+    `heldout`, the evaluation samples: data.eval_shards, or the windows of the last data.heldout_clips clips."""
     v, d = cfg.videoar, cfg.data
     if d.shards:
         from data_pipeline.loader import ShardSet
         bucket = f"{stage.resolution[0]}x{stage.resolution[1]}x{stage.frames}"
-        return ShardSet(d.shards, bucket, d.endpoint_url or None, d.loader_workers)
+        return ShardSet(d.eval_shards if heldout else d.shards, bucket, d.endpoint_url or None, d.loader_workers)
     clips_dir = Path(d.clips_dir)
     listing = sorted((p.name, p.stat().st_size) for p in clips_dir.glob("*.mp4")) if clips_dir.is_dir() else []
     weights = Path(cfg.videoar_train.tokenizer_ckpt) / WEIGHTS
     key = cache_key(weights.stat().st_mtime_ns, weights.stat().st_size, listing, d.heldout_clips, stage.resolution,
                     stage.frames, v.cond, v.text_encoder, v.text_len, v.num_classes)
-    path = out_dir(cfg) / "latents" / f"{stage.name}-{stage.resolution[0]}x{stage.resolution[1]}-f{stage.frames}.safetensors"
+    name = f"{'heldout-' if heldout else ''}{stage.name}-{stage.resolution[0]}x{stage.resolution[1]}-f{stage.frames}"
+    path = out_dir(cfg) / "latents" / f"{name}.safetensors"
     cached = load_latent_set(path, key)
     if cached is not None:
         return cached
@@ -98,7 +101,8 @@ def stage_data(cfg: Config, tokenizer, stage: StageConfig, progress: bool):
         encoder = TextEncoder(v.text_encoder, v.text_len, cfg.run.device)
         if encoder.dim != v.text_dim:
             raise ValueError(f"videoar.text_dim={v.text_dim} but {v.text_encoder} has width {encoder.dim}")
-    ds = encode_latent_set(tokenizer, clips[:-d.heldout_clips], stage.frames, v.cond, encoder, v.num_classes,
+    chosen = clips[-d.heldout_clips:] if heldout else clips[:-d.heldout_clips]
+    ds = encode_latent_set(tokenizer, chosen, stage.frames, v.cond, encoder, v.num_classes,
                            progress=progress)
     save_latent_set(ds, path, key)
     return ds
@@ -148,6 +152,14 @@ class VideoARTrainer(TrainerCheckpoints):
         self.peak_flops = cfg.run.peak_flops or broadcast_object(measure_peak_flops(cfg.run.device))
         self.ledger = None  # sample keys per step (videoar_train.sample_ledger)
         self._last_checkpoint: Path | None = None
+        self.evaluator = HeldOutEvaluator(self, lambda stage: self._load_data(stage, heldout=True))
+        self.eval_every = cfg.videoar_train.eval_every
+        if self.eval_every and cfg.data.shards and not cfg.data.eval_shards:
+            if self.topo.rank == 0:
+                log.warning("videoar_train.eval_every=%d but data.shards is set without data.eval_shards: no "
+                            "held-out evaluation (preprocess held-out videos and set data.eval_shards)",
+                            self.eval_every)
+            self.eval_every = 0
 
     # -- training ----------------------------------------------------------------------------------------------
     def _enter_stage(self, index: int) -> None:
@@ -156,14 +168,23 @@ class VideoARTrainer(TrainerCheckpoints):
         stage = self.curriculum.stages[index]
         log.info("stage %s: %dx%d, %d frames, scales %s, global batch %d", stage.name, *stage.resolution,
                  stage.frames, stage.scales, stage.global_batch)
-        if self.topo.rank == 0:  # one rank encodes and caches; the others read the cache
-            self._data = stage_data(self.cfg, self.tokenizer, stage, self.progress)
-        barrier()
-        if self.topo.rank != 0:
-            self._data = stage_data(self.cfg, self.tokenizer, stage, False)
+        self._data = self._load_data(stage)
         self._quantizer = self.tokenizer.quantizer.for_sizes(stage.sizes)
         self.engine.set_batch(stage.global_batch, stage.micro_batch)
         self._stage_index = index
+
+    def _load_data(self, stage: StageConfig, heldout: bool = False):
+        if self.topo.rank == 0:  # one rank encodes and caches; the others read the cache
+            data = stage_data(self.cfg, self.tokenizer, stage, self.progress, heldout)
+        barrier()
+        if self.topo.rank != 0:
+            data = stage_data(self.cfg, self.tokenizer, stage, False, heldout)
+        return data
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss and bit accuracy at the current stage (trainer/evaluate.py); a collective."""
+        self._enter_stage(self.curriculum.index(max(self.step - 1, 0)))
+        return self.evaluator.evaluate(self._stage_index, self._quantizer)
 
     def train_step(self) -> dict:
         """One optimizer step; the record has the loss breakdown and this rank's phase times."""
@@ -277,7 +298,13 @@ class VideoARTrainer(TrainerCheckpoints):
                     last = run.preempted or self.step == end
                     run.checkpoint = self.save(blocking=not t.async_save or last)
                 rec["time/checkpoint_s"] = time.perf_counter() - t_ckpt
-                if self.step % t.log_every == 0 or self.step == end or run.preempted:
+                evaluated = bool(self.eval_every) and not run.preempted and (self.step % self.eval_every == 0
+                                                                            or self.step == end)
+                if evaluated:
+                    t_eval = time.perf_counter()
+                    rec.update(self.evaluate())
+                    rec["time/eval_s"] = time.perf_counter() - t_eval
+                if self.step % t.log_every == 0 or self.step == end or run.preempted or evaluated:
                     rec = self.finish_record(rec)
                     if sinks:
                         sinks.log(rec)
