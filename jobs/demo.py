@@ -68,7 +68,8 @@ def train_with_preemption(cfg: Config, preempt_at: int) -> tuple[int, float]:
     proc = subprocess.Popen(cmd)
     signalled = False
     while proc.poll() is None:
-        if not signalled and any(r["step"] >= preempt_at for r in _metric_steps(metrics)):
+        # records of this launch only: a rerun finds the earlier run's records in the same file
+        if not signalled and any(r["step"] >= preempt_at and r.get("time", 0) >= t0 for r in _metric_steps(metrics)):
             print(f"      simulated preemption: SIGUSR1 to the launcher after step {preempt_at}", flush=True)
             proc.send_signal(signal.SIGUSR1)
             signalled = True
