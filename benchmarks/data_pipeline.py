@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             data.prefetch(rank_samples(n, 0, (step + 1) * gb, gb, 0, 1))
         loader_rate = args.steps * gb / (time.perf_counter() - t0)
 
-        trainer = VideoARTrainer(load_config("configs/demo.yaml", base + [f"data.shards={shards}"]), progress=False)
+        trainer = VideoARTrainer(load_config("configs/demo.yaml", base + [f"data.shards={shards}", "videoar_train.eval_every=0"]), progress=False)
         trainer.train(max_steps=2)  # warm-up (first step builds caches)
         t0 = time.perf_counter()
         trainer.train(max_steps=2 + args.steps)
