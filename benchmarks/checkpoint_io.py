@@ -4,7 +4,7 @@ synchronous one, measured side by side in one run.
     python -m benchmarks.checkpoint_io [--depth 6 --width 512 --dir runs/bench-ckpt]
 
 1. `dd if=/dev/zero bs=1M conv=fsync` writes as many bytes as one checkpoint shard into --dir: the disk's
-   sequential write rate. 2. A synchronous save (`trainer.checkpoint`: serialize, write, fsync, sha256, commit)
+   sequential write rate. 2. A synchronous save (`parallel.checkpoint_format`: serialize, write, fsync, sha256, commit)
    of a VideoAR model + AdamW state into the same directory: checkpoint MB/s, and the ratio to dd.
 3. The stall: how long the training loop is blocked by `save` (sync: the whole save; async: the CPU copy of
    the state, `checkpoint.snapshot`, plus starting the writer thread), and how long the training steps that
@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from models.videoar import VideoAR, VideoARConfig
-from trainer.checkpoint import AsyncSaver, begin_checkpoint, commit_checkpoint, snapshot, write_shard
+from parallel.checkpoint_format import begin_checkpoint, commit_checkpoint, shard_name, snapshot, write_rank_shard
+from trainer.checkpointing import AsyncSaver
 
 
 def build(depth: int, width: int):
@@ -61,7 +62,7 @@ def dd_rate(directory: Path, megabytes: int) -> float:
 def save(root: Path, step: int, state: dict) -> None:
     """What the trainer's save does on one rank: temp dir, shard (fsynced), sha256 + metadata commit, rename."""
     tmp = begin_checkpoint(root, step)
-    write_shard(tmp, "rank-00000.pt", state)
+    write_rank_shard(tmp, shard_name(0), state)
     commit_checkpoint(root, step, tmp, {}, keep_last=1)
 
 

@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.preprocess import preprocess
     from data_pipeline.synth import generate_clips
     from models.tokenizer import VideoTokenizer
-    from trainer.config import load_config
-    from trainer.tokenizer_ckpt import save_tokenizer
+    from common.config import load_config
+    from data_pipeline.tokenizer_ckpt import save_tokenizer
     from trainer.train_videoar import VideoARTrainer
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,7 @@
     python -m benchmarks.train_mfu [--repeats 5] [--threads 2]
 
 A train step is forward + backward + AdamW step in fp32 on teacher-forced random bits with the per-bit
-cross-entropy of trainer/objective.py (depth 4, width 512, heads 8, class condition, 3 latent frames x scales
+cross-entropy of models/objective.py (depth 4, width 512, heads 8, class condition, 3 latent frames x scales
 (1,2,4,8), batch 4, latent_dim 16). Its FLOPs come from trainer/flops.train_step_flops (the formula the
 dashboards use for MFU); the "peak" is the measured FLOP/s of a 2048x2048 fp32 torch.mm on this CPU, so the
 ratio says how much of the machine's practical GEMM throughput training gets.

@@ -58,11 +58,11 @@ def _measure(rank, world, zero, width, depth, out):
     from models.quantizer import MultiScaleBitwiseQuantizer, QuantizerConfig
     from models.sequence_inputs import sequence_targets, teacher_forcing_features
     from models.videoar import VideoAR, VideoARConfig
-    from parallel.config import ParallelConfig
+    from common.job_config import ParallelConfig
     from parallel.engine import DeepSpeedEngine, TorchEngine
     from parallel.topology import init_topology
-    from trainer.config import VideoARTrainConfig
-    from trainer.objective import MicroBatch
+    from common.config import VideoARTrainConfig
+    from models.objective import MicroBatch
 
     pcfg = ParallelConfig(zero_stage=zero)
     topo = init_topology(pcfg)

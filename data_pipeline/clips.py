@@ -52,6 +52,14 @@ def load_clip_folder(folder: str | Path, resolution: tuple[int, int], min_frames
     return clips
 
 
+def split_heldout(items: list, heldout: int, source: object = "clips") -> tuple[list, list]:
+    """(training items, held-out items): the last `heldout` (of a name-sorted list) are held out for evaluation
+    (`data.heldout_clips`); every user of the split (tokenizer and VideoAR training, the demo) goes through here."""
+    if len(items) <= heldout:
+        raise ValueError(f"{source}: {len(items)} clips, need more than data.heldout_clips={heldout}")
+    return items[:-heldout], items[-heldout:]
+
+
 def to_model_input(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (B, T, H, W, 3) or (T, H, W, 3) -> float (B, 3, T, H, W) in [-1, 1]."""
     x = torch.as_tensor(frames)

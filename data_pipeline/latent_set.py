@@ -21,7 +21,7 @@ from safetensors.torch import save
 from tqdm import tqdm
 
 from data_pipeline.clips import Clip, to_model_input
-from data_pipeline.storage import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 FORMAT = "videoar-latents"

@@ -1,4 +1,4 @@
-"""Streaming loader over preprocessed shards (local or S3), exactly resumable (DESIGN §5).
+"""Streaming loader over preprocessed shards (local or S3) or cached latent sets, exactly resumable (DESIGN §5).
 
 The sample order is `data_pipeline.order`: a seeded permutation per epoch over the manifest's samples, the
 global batch of a step a fixed slice of it, each data-parallel rank its strided part. The loader's state is
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,3 +96,45 @@ class ShardSet:
 def rank_samples(num_samples: int, seed: int, consumed: int, global_size: int, rank: int, world: int) -> list[int]:
     """Indices this data-parallel rank reads for the step that starts after `consumed` samples."""
     return rank_slice(global_batch(num_samples, seed, consumed, global_size), rank, world)
+
+
+@dataclass
+class LoadedBatch:
+    latents: torch.Tensor  # this rank's samples of the step's global batch
+    cond: torch.Tensor
+    positions: list[int]  # their positions in the global batch (what seeds each sample's random stream)
+    keys: list[str]  # their sample keys (the ledger)
+
+
+class StreamingLoader:
+    """The training data and its position: per curriculum stage, the samples consumed of that stage's dataset
+    (a `ShardSet` or a `LatentSet`). `next_batch` returns this data-parallel rank's part of the step's global batch
+    and prefetches the next one; `state_dict` is the position, so a resume continues exactly, under any dp size."""
+
+    def __init__(self, stage_names: list[str], seed: int, dp_rank: int, dp: int):
+        self.stage_names, self.seed, self.dp_rank, self.dp = list(stage_names), seed, dp_rank, dp
+        self.consumed = [0] * len(stage_names)  # samples consumed per stage
+        self.stage, self.dataset = -1, None
+
+    def set_stage(self, index: int, dataset) -> None:
+        self.stage, self.dataset = index, dataset
+
+    def next_batch(self, size: int) -> LoadedBatch:
+        data, done = self.dataset, self.consumed[self.stage]
+        indices = global_batch(len(data), self.seed, done, size)
+        positions = rank_slice(list(range(size)), self.dp_rank, self.dp)
+        latents, cond = data.batch([indices[j] for j in positions])
+        if hasattr(data, "prefetch"):  # the next step's samples load while this one trains
+            upcoming = global_batch(len(data), self.seed, done + size, size)
+            data.prefetch([upcoming[j] for j in positions])
+        self.consumed[self.stage] += size
+        return LoadedBatch(latents, cond, positions, [data.key(indices[j]) for j in positions])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stages": list(self.stage_names), "consumed": list(self.consumed)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["stages"]) != self.stage_names:
+            raise ValueError(f"checkpoint curriculum stages {list(state['stages'])} differ from the config's "
+                             f"{self.stage_names}")
+        self.consumed = [int(c) for c in state["consumed"]]

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from data_pipeline.storage import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 BODY_ATTEMPTS = 4

@@ -33,7 +33,7 @@ import numpy as np
 
 from data_pipeline.object_store import Store, open_store
 from data_pipeline.preprocess_report import Meter, Summary
-from data_pipeline.shards import ShardRecord, sample_dict, write_shard
+from data_pipeline.shards import ShardRecord, sample_dict, write_tar_shard
 
 log = logging.getLogger("preprocess")
 VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
@@ -63,7 +63,7 @@ def input_id(key: str, size: int) -> str:
 
 
 def tokenizer_hash(ckpt: str | Path) -> str:
-    from trainer.tokenizer_ckpt import WEIGHTS
+    from data_pipeline.tokenizer_ckpt import WEIGHTS
 
     h = hashlib.sha256()
     with open(Path(ckpt) / WEIGHTS, "rb") as f:
@@ -137,7 +137,7 @@ class Encoder:
     def __init__(self, tokenizer_ckpt: str, cond: str, text_encoder: str, text_len: int, threads: int):
         import torch
 
-        from trainer.tokenizer_ckpt import load_tokenizer
+        from data_pipeline.tokenizer_ckpt import load_tokenizer
 
         torch.set_num_threads(threads)
         self.tokenizer, _, _ = load_tokenizer(tokenizer_ckpt)
@@ -293,7 +293,7 @@ def _flush(out: Store, w: BucketWriter, waiting: dict, tok_hash: str, summary: S
     if not w.buffer:
         return
     name = f"{w.bucket.name}/shard-{w.next_index:06d}.tar"
-    record = write_shard(out, name, w.buffer)
+    record = write_tar_shard(out, name, w.buffer)
     rec = {**record.to_dict(), "tokenizer": tok_hash, "bucket": w.bucket.name}
     out.write(f"{PROGRESS}/shards/{w.bucket.name}/shard-{w.next_index:06d}.json", json.dumps(rec).encode())
     summary.shards += 1
@@ -343,7 +343,7 @@ def _write_manifest(out: Store, buckets: list[Bucket], tok_hash: str, summary: S
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.config import config_arg_parser, config_from_args
+    from common.config import config_arg_parser, config_from_args
 
     parser = config_arg_parser(__doc__.split("\n\n")[0])
     cfg = config_from_args(parser.parse_args(argv), parser)

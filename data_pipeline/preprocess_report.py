@@ -25,13 +25,13 @@ class Summary:
 
 class Meter:
     """The progress bar and the metrics of one run: a record whenever an input is done (at most one per `every_s`
-    seconds) and a final one, through `trainer.metrics.MetricSinks` in `<run.dir>/preprocess/`. `step` and
+    seconds) and a final one, through `common.metrics.MetricSinks` in `<run.dir>/preprocess/`. `step` and
     `inputs_done` count inputs done, including those committed by earlier runs; `clips`, `bytes` (shard bytes
     written), `quarantined` and `shards` count this run's work. Rates are over `work_s`, the time since the Ray
     runtime was up (`startup_s` before it), so a short job's clips/s is not mostly Ray start-up."""
 
     def __init__(self, cfg, summary: Summary, t0: float, bar: bool, every_s: float = 2.0):
-        from trainer.metrics import MetricSinks
+        from common.metrics import MetricSinks
 
         self.summary, self.t0, self.every_s, self.last = summary, t0, every_s, float("-inf")
         self.work_t0 = t0

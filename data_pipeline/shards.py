@@ -63,7 +63,7 @@ def build_shard(samples: list[dict]) -> tuple[bytes, list[list]]:
     return data, [ranges[s["__key__"]] for s in samples]
 
 
-def write_shard(store: Store, name: str, samples: list[dict]) -> ShardRecord:
+def write_tar_shard(store: Store, name: str, samples: list[dict]) -> ShardRecord:
     data, offsets = build_shard(samples)
     store.write(name, data)
     return ShardRecord(name, len(samples), len(data), hashlib.sha256(data).hexdigest(), offsets)

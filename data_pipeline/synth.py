@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.storage import atomic_write_text
+from common.atomic import atomic_write_text
 from data_pipeline.video_io import write_video
 
 log = logging.getLogger(__name__)

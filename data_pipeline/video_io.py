@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import av
 import numpy as np
 
-from data_pipeline.storage import atomic_path
+from common.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

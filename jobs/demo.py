@@ -21,16 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-from data_pipeline.clips import read_caption
+from data_pipeline.clips import read_caption, split_heldout
 from data_pipeline.preprocess import preprocess
 from data_pipeline.synth import generate_clips
-from trainer.metrics import read_jsonl
-from trainer.config import Config, config_arg_parser, config_from_args, load_config, save_config
+from common.metrics import read_jsonl
+from common.config import Config, config_arg_parser, config_from_args, load_config, save_config
 from trainer.preemption import EXIT_PREEMPTED
 from trainer.sample import sample_to_files
-from trainer.tokenizer_ckpt import load_tokenizer
+from data_pipeline.tokenizer_ckpt import load_tokenizer
 from trainer.train_tokenizer import TokenizerRun, train_tokenizer
-from trainer.train_videoar import out_dir
+from trainer.videoar_data import out_dir
 
 NPROC = 2
 
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     tok = finished_tokenizer(cfg) or train_tokenizer(cfg)
 
     clips = sorted(Path(d.clips_dir).glob("*.mp4"))
-    held = clips[-d.heldout_clips:]  # the clips training holds out
-    train_dir = _copy_clips(clips[:-d.heldout_clips], cfg.run_dir / "train-clips")  # preprocessing sees these only
+    train, held = split_heldout(clips, d.heldout_clips, d.clips_dir)  # the clips training holds out
+    train_dir = _copy_clips(train, cfg.run_dir / "train-clips")  # preprocessing sees these only
     held_dir = _copy_clips(held, cfg.run_dir / "heldout-clips")
     shards = cfg.preprocess.output
     eval_shards = shards.rstrip("/") + "-heldout"

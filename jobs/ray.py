@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.config import load_config, save_config
+from common.config import load_config, save_config
 
 PROJECT = Path(__file__).resolve().parent.parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from trainer.config import config_arg_parser, config_from_args, config_from_dict, config_to_dict
+from common.config import config_arg_parser, config_from_args, config_from_dict, config_to_dict
 
 
 def _train_loop(config: dict) -> None:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.config import Config, config_arg_parser, load_config, save_config
+from common.config import Config, config_arg_parser, load_config, save_config
 from trainer.preemption import EXIT_PREEMPTED
 
 

@@ -27,8 +27,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from trainer.checkpoint import committed_steps, step_dir
-from trainer.metrics import ENDPOINT_FILE, read_jsonl
+from parallel.checkpoint_format import committed_steps, step_dir
+from common.metrics import ENDPOINT_FILE, read_jsonl
 
 SPARKS = "▁▂▃▄▅▆▇█"
 TRENDS = ("loss", "tokens_per_s", "mfu", "data_wait_frac")

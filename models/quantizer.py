@@ -20,41 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.validation import check, check_choice
-
-DOWN_MODES = ("area", "bilinear", "bicubic", "nearest")
-UP_MODES = ("bilinear", "bicubic", "nearest")
-
-
-@dataclass
-class QuantizerConfig:
-    scales: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # square sides (rows), coarse -> fine
-    scales_w: list[int] | None = None  # per-axis columns for non-square grids; None = square (same as scales)
-    down: str = "area"
-    up: str = "bilinear"
-    gain_init: float = 1.0  # gain of the coarsest scale's code
-    gain_decay: float = 0.7  # initial gain ratio between consecutive scales (gains are learned)
-    entropy_temperature: float = 0.2  # softness of the bit probabilities in the entropy penalty
-    entropy_batch_weight: float = 1.0  # weight of the (maximised) batch bit entropy vs per-token entropy
-
-    def __post_init__(self) -> None:
-        p = "quantizer"
-        check(len(self.scales) >= 1, f"{p}.scales", "needs at least one scale")
-        check(all(s >= 1 for s in self.scales), f"{p}.scales", f"sides must be >= 1, got {list(self.scales)}")
-        check(list(self.scales) == sorted(self.scales), f"{p}.scales", f"must be non-decreasing, got {list(self.scales)}")
-        if self.scales_w is not None:
-            check(len(self.scales_w) == len(self.scales), f"{p}.scales_w",
-                  f"must have as many entries as scales ({len(self.scales)}), got {len(self.scales_w)}")
-            check(list(self.scales_w) == sorted(self.scales_w), f"{p}.scales_w", "must be non-decreasing")
-        check_choice(f"{p}.down", self.down, DOWN_MODES)
-        check_choice(f"{p}.up", self.up, UP_MODES)
-        check(self.gain_init > 0 and self.gain_decay > 0, f"{p}.gain_init/gain_decay", "must be > 0")
-        check(self.entropy_temperature > 0, f"{p}.entropy_temperature", "must be > 0")
-
-    @property
-    def sizes(self) -> list[tuple[int, int]]:
-        cols = self.scales if self.scales_w is None else self.scales_w
-        return [(int(h), int(w)) for h, w in zip(self.scales, cols)]
+from common.model_config import QuantizerConfig
 
 
 @dataclass

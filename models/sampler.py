@@ -14,26 +14,7 @@ import torch
 from models.quantizer import MultiScaleBitwiseQuantizer
 from models.sequence_inputs import block_input, tokens_to_grid
 from models.videoar import VideoAR
-from models.validation import check, check_choice
-
-CFG_SCHEDULES = ("constant", "ucf", "text")
-
-
-@dataclass
-class SamplingConfig:
-    cfg_scale: float = 3.0  # gamma for the constant schedule (1 = no guidance: no unconditional pass)
-    cfg_schedule: str = "constant"  # constant | ucf (paper's UCF-101: 1->5 over frames, then to 10) | text (5->3)
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0  # per bit: keep only the likelier value when its probability reaches top_p
-
-    def __post_init__(self) -> None:
-        check_choice("sample.cfg_schedule", self.cfg_schedule, CFG_SCHEDULES)
-        check(self.cfg_scale >= 0, "sample.cfg_scale", f"must be >= 0, got {self.cfg_scale}")
-        check(self.temperature >= 0, "sample.temperature", f"must be >= 0, got {self.temperature}")
-        check(0 < self.top_p <= 1, "sample.top_p", f"must be in (0, 1], got {self.top_p}")
-
-    def guided(self) -> bool:
-        return self.cfg_schedule != "constant" or self.cfg_scale != 1.0
+from common.model_config import CFG_SCHEDULES, SamplingConfig  # noqa: F401 (the sampler's config)
 
 
 def cfg_gamma(schedule: str, scale: float, t: int, k: int, num_frames: int, num_scales: int) -> float:

@@ -14,44 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.causal_conv import CausalConv3d, Downsample3d, ResBlock3d, StreamCache, Upsample3d, norm
-from models.quantizer import MultiScaleBitwiseQuantizer, QuantizerConfig, QuantizerOutput
-from models.validation import check, is_power_of_two
-
-
-@dataclass
-class TokenizerConfig:
-    latent_dim: int = 16  # d = bits per token (paper: 48)
-    spatial_compression: int = 8  # f (paper: 16)
-    temporal_compression: int = 4  # tau (paper: 4); 1 = an image tokenizer
-    base_channels: int = 16
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])  # one entry per 2x spatial down-sampling
-    num_res_blocks: int = 1
-    time_kernel: int = 3  # temporal kernel of every conv; 1 = a 2D tokenizer (the source for inflation)
-
-    def __post_init__(self) -> None:
-        p = "tokenizer"
-        check(self.latent_dim >= 1, f"{p}.latent_dim", f"must be >= 1, got {self.latent_dim}")
-        check(is_power_of_two(self.spatial_compression) and self.spatial_compression >= 2,
-              f"{p}.spatial_compression", f"must be a power of two >= 2, got {self.spatial_compression}")
-        check(is_power_of_two(self.temporal_compression), f"{p}.temporal_compression",
-              f"must be a power of two (1, 2, 4, ...), got {self.temporal_compression}")
-        levels = int(math.log2(self.spatial_compression))
-        check(len(self.channel_mult) == levels, f"{p}.channel_mult",
-              f"needs log2(spatial_compression) = {levels} entries, got {len(self.channel_mult)}")
-        check(int(math.log2(self.temporal_compression)) <= levels, f"{p}.temporal_compression",
-              f"at most spatial_compression ({self.spatial_compression}) since time is down-sampled with space")
-        check(self.base_channels >= 4 and all(m >= 1 for m in self.channel_mult), f"{p}.base_channels/channel_mult",
-              "base_channels must be >= 4 and every multiplier >= 1")
-        check(self.time_kernel >= 1, f"{p}.time_kernel", f"must be >= 1, got {self.time_kernel}")
-
-    @property
-    def channels(self) -> list[int]:
-        return [self.base_channels] + [self.base_channels * m for m in self.channel_mult]
-
-    def temporal_levels(self) -> list[bool]:
-        """Which spatial levels also down-sample time: the last log2(tau) ones."""
-        levels, nt = len(self.channel_mult), int(math.log2(self.temporal_compression))
-        return [i >= levels - nt for i in range(levels)]
+from models.quantizer import MultiScaleBitwiseQuantizer, QuantizerConfig, QuantizerOutput  # noqa: F401
+from common.model_config import TokenizerConfig
 
 
 class Encoder3d(nn.Module):

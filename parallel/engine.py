@@ -1,38 +1,90 @@
-"""Training engines: how one optimizer step's micro-batches become gradients and an update, per layout.
+"""Training engines behind one interface (`Engine`): how one optimizer step's micro-batches become gradients and
+an update, per layout, and how an engine's state goes into and out of a checkpoint.
 
 - `TorchEngine`: one process, or any dp x pp x tp with ZeRO stage 0: megatron-core tensor-parallel layers,
   torch.distributed.pipelining stages, gradients averaged over the data-parallel group, the global grad norm
   summed over the model-parallel group (each tensor-parallel shard once, replicated parameters once).
-- `DeepSpeedEngine`: ZeRO stage 1/2/3 data parallelism (pp = 1, any tp) through `deepspeed.initialize` with a
-  config built from our YAML; the curriculum's batch sizes are pushed with its public setters.
-Both return the local mean loss and per-token loss/accuracy sums, so the trainer logs the same metrics for all.
+- `DeepSpeedEngine` (parallel/deepspeed_engine.py): ZeRO stage 1/2/3 (pp = 1, any tp).
+The engine knows no model: it gets an `nn.Module`, its `ParallelPlan` and, per step, micro-batches and an
+`Objective`. A micro-batch has `model_args()` (for `module(*args)`), `stage_args()` (tensors for the first
+pipeline stage), `static` (the step's non-tensor argument, e.g. the token layout), `targets` and `len()`.
 A step whose global gradient norm is not finite is skipped (Megatron's rule; a non-finite loss is made to give
-NaN gradients, `trainer.objective.poison_if_nonfinite`, so it counts too): no update, the LR schedule does
-not advance, gradients are dropped; `step()` says whether the update was applied. The norm is reduced over the
-whole model, so every rank takes the same decision.
+NaN gradients, `poison_if_nonfinite`, so it counts too): no update, the LR schedule does not advance, gradients
+are dropped; `step()` says whether the update was applied. Every rank takes the same decision.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from models.layout import SequenceLayout
-from models.videoar import VideoAR
-from parallel.config import ParallelConfig
+from common.job_config import ParallelConfig
+from common.parallel_plan import ParallelPlan
+from parallel import checkpoint_format as fmt
+from parallel.collectives import all_reduce, all_reduce_packed, data_parallel_group, model_parallel_group
+from parallel.collectives import pipeline_group
+from parallel.optim import param_groups, warmup_cosine
 from parallel.pipeline import make_schedule, split_for_pipeline
+from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import Topology
-from trainer.objective import MicroBatch, bit_loss, poison_if_nonfinite, scale_loss_weights
-from trainer.schedules import param_groups, warmup_cosine
 
 
-def _groups():
-    from megatron.core import parallel_state as ps
+class Objective(Protocol):
+    """(model outputs, targets) -> (loss to minimize, detached per-item statistic sums of length `stats_size`)."""
 
-    return ps
+    stats_size: int
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class Engine(Protocol):
+    module: nn.Module  # what this rank runs (its pipeline stage, its tensor-parallel shards)
+    layout: dict[str, int]  # the parallel layout: tp, pp, dp, zero_stage
+    supports_async_save: bool
+
+    @property
+    def lr(self) -> float: ...
+    def set_batch(self, global_batch: int, micro_batch: int) -> None: ...
+    def forward_backward(self, micro: list, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def evaluate(self, micro: list, objective: Objective) -> torch.Tensor: ...
+    def step(self) -> tuple[float, bool]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def save(self, directory: Path) -> None: ...
+    def shards_to_read(self, meta: dict) -> set[str]: ...
+    def load(self, directory: Path, meta: dict, shards: dict[str, dict]) -> None: ...
+    def local_model_state(self) -> dict[str, torch.Tensor]: ...
+
+
+def build_engine(model: nn.Module, plan: ParallelPlan, topo: Topology, pcfg: ParallelConfig, tcfg, total_steps: int,
+                 device: torch.device, global_batch: int, micro_batch: int) -> Engine:
+    """Tensor parallelism applied as the plan says, then the engine the layout needs (ZeRO > 0: DeepSpeed)."""
+    model = apply_tensor_parallel(model, plan, pcfg.tp).to(device)
+    if pcfg.zero_stage > 0:
+        from parallel.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, plan, topo, pcfg, tcfg, total_steps, device, global_batch, micro_batch)
+    return TorchEngine(model, plan, topo, pcfg, tcfg, total_steps, device)
+
+
+def poison_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """`loss` for backward, times NaN when it is not finite. A loss can be inf while its gradients are finite (an
+    inf constant term); NaN gradients make every engine skip the step by its non-finite gradient-norm rule, on every
+    rank (the gradient reductions carry the NaN), with no host sync. Times 1.0 otherwise: gradients bit-identical."""
+    scale = torch.ones_like(loss).masked_fill(~torch.isfinite(loss.detach()), float("nan"))
+    return loss * scale
+
+
+def optimizer_and_schedule(module: nn.Module, plan: ParallelPlan, tcfg, total_steps: int):
+    """AdamW over the plan's weight-decay groups and the warmup-cosine LR schedule, built once per engine."""
+    opt = torch.optim.AdamW(param_groups(module, tcfg.weight_decay, plan.no_weight_decay), lr=tcfg.lr,
+                            betas=tuple(tcfg.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, tcfg.warmup_steps, total_steps, tcfg.min_lr_ratio))
+    return opt, sched
 
 
 def is_tp_shard(p: torch.Tensor) -> bool:
@@ -47,7 +99,7 @@ def clip_global_grad_norm(params: list[nn.Parameter], max_norm: float, topo: Top
         if p.grad is not None and (is_tp_shard(p) or topo.tp_rank == 0):
             sq += p.grad.detach().double().pow(2).sum()
     if topo.tp * topo.pp > 1:
-        dist.all_reduce(sq, group=_groups().get_model_parallel_group())
+        all_reduce(sq, model_parallel_group())
     norm = float(sq.sqrt())
     if max_norm > 0:
         coef = max_norm / (norm + 1e-6)
@@ -58,111 +110,111 @@ def clip_global_grad_norm(params: list[nn.Parameter], max_norm: float, topo: Top
     return norm
 
 
-def lr_lambda(t, total: int):
-    return lambda s: warmup_cosine(s, t.warmup_steps, total, t.min_lr_ratio)
+def run_micro_batches(forward, micro: list, objective: Objective, backward=None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, summed statistics) over `micro`; `backward(loss)` after each micro-batch when training."""
+    loss_sum, stats = torch.zeros(()), torch.zeros(objective.stats_size)
+    for mb in micro:
+        loss, mb_stats = objective(forward(mb), mb.targets)
+        if backward is not None:
+            backward(loss)
+        loss_sum, stats = loss_sum + loss.detach(), stats + mb_stats
+    return loss_sum / len(micro), stats
+
+
+def clean_name(name: str) -> str:
+    """The dense model's parameter name (drops the tensor-parallel `.layer` wrapper)."""
+    return name.replace(".layer.", ".")
 
 
 class TorchEngine:
-    def __init__(self, model: VideoAR, topo: Topology, pcfg: ParallelConfig, tcfg, total_steps: int,
-                 device: torch.device):
-        self.topo, self.pcfg, self.tcfg, self.device = topo, pcfg, tcfg, device
+    supports_async_save = True
+
+    def __init__(self, model: nn.Module, plan: ParallelPlan, topo: Topology, pcfg: ParallelConfig, tcfg,
+                 total_steps: int, device: torch.device):
+        self.topo, self.pcfg, self.tcfg, self.device, self.plan = topo, pcfg, tcfg, device, plan
         self.model = model
         self.module: nn.Module = model
         if topo.pp > 1:
-            self.module = split_for_pipeline(model, pcfg.blocks_per_stage(model.cfg.depth), topo.pp_rank)
-        self.opt = torch.optim.AdamW(param_groups(self.module, tcfg.weight_decay), lr=tcfg.lr,
-                                     betas=tuple(tcfg.betas))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(tcfg, total_steps))
+            blocks = pcfg.blocks_per_stage(len(getattr(model, plan.blocks)))
+            self.module = split_for_pipeline(model, plan, blocks, topo.pp_rank)
+        self.opt, self.sched = optimizer_and_schedule(self.module, plan, tcfg, total_steps)
+        self.layout = {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "zero_stage": 0}
         self._schedules: dict = {}
 
     @property
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]
 
-    def forward_backward(self, micro: list[MicroBatch], layout: SequenceLayout) -> tuple[torch.Tensor, ...]:
-        """Backward of the mean loss over `micro`; returns (mean loss, token loss sums, token correct sums)."""
+    def set_batch(self, global_batch: int, micro_batch: int) -> None:
+        pass
+
+    def _forward(self, mb) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.tcfg.precision == "bf16"):
+            return self.model(*mb.model_args())
+
+    def forward_backward(self, micro: list, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward of the mean loss over `micro`; returns (mean loss, statistic sums)."""
         self.module.train()
         self.opt.zero_grad(set_to_none=True)
         if self.topo.pp > 1:
-            return self._pipeline(micro, layout)
-        autocast = self.tcfg.precision == "bf16"
-        weights = scale_loss_weights(layout, self.tcfg.scale_loss_weight)
-        loss_sum, tl, tc = torch.zeros(()), 0, 0
-        for mb in micro:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = self.model(mb.cond, mb.features, layout, mb.mask, mb.drop)
-            loss, token_loss, token_correct = bit_loss(logits, mb.targets, weights)
-            (poison_if_nonfinite(loss) / len(micro)).backward()
-            loss_sum, tl, tc = loss_sum + loss.detach(), tl + token_loss, tc + token_correct
-        return loss_sum / len(micro), tl, tc
+            return self._pipeline(micro, objective)
+        return run_micro_batches(self._forward, micro, objective,
+                                 lambda loss: (poison_if_nonfinite(loss) / len(micro)).backward())
 
-    def evaluate(self, micro: list[MicroBatch], layout: SequenceLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward only: per-token sums over `micro` of the bit loss and of the correct bits (shared with the
-        whole pipeline group under pp)."""
+    def evaluate(self, micro: list, objective: Objective) -> torch.Tensor:
+        """Forward only: statistic sums over `micro` (shared with the whole pipeline group under pp)."""
         self.module.eval()
         if self.topo.pp > 1:
-            return self._pipeline(micro, layout, train=False)[1:]
-        tl, tc = 0, 0
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                             enabled=self.tcfg.precision == "bf16"):
-            for mb in micro:
-                _, token_loss, token_correct = bit_loss(self.model(mb.cond, mb.features, layout, mb.mask, mb.drop),
-                                                        mb.targets)
-                tl, tc = tl + token_loss, tc + token_correct
-        return tl, tc
+            return self._pipeline(micro, objective, train=False)[1]
+        with torch.no_grad():
+            return run_micro_batches(self._forward, micro, objective)[1]
 
-    def _pipeline(self, micro: list[MicroBatch], layout: SequenceLayout, train: bool = True
-                  ) -> tuple[torch.Tensor, ...]:
-        n = len(micro)
-        self.module.layout = layout
-        key = (layout, n, len(micro[0]))
+    def _pipeline(self, micro: list, objective: Objective, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        n, static = len(micro), micro[0].static
+        self.module.static = static
+        key = (static, n, len(micro[0]))
         stats = []
-        weights = scale_loss_weights(layout, self.tcfg.scale_loss_weight)
 
-        def loss_fn(logits, targets):
-            loss, token_loss, token_correct = bit_loss(logits, targets.bool(), weights)
-            stats.append((loss.detach(), token_loss, token_correct))
+        def loss_fn(outputs, targets):
+            loss, mb_stats = objective(outputs, targets)
+            stats.append((loss.detach(), mb_stats))
             return poison_if_nonfinite(loss)
 
         if key not in self._schedules:  # shapes change with the curriculum stage: one schedule per shape
-            self._schedules[key] = make_schedule(self.module, _groups().get_pipeline_model_parallel_group(),
-                                                 self.device, n, loss_fn, self.pcfg.pp_schedule)
+            self._schedules[key] = make_schedule(self.module, pipeline_group(), self.device, n, loss_fn,
+                                                 self.pcfg.pp_schedule)
         schedule = self._schedules[key]
         schedule._loss_fn = loss_fn
-        cat = lambda name: torch.cat([getattr(m, name) for m in micro])  # noqa: E731
-        mask = torch.cat([m.mask if m.mask is not None else self.model.tensors(layout).mask.expand(len(m), -1, -1)
-                          for m in micro])
         run = schedule.step if train else schedule.eval  # eval: forward only
         if self.topo.is_first_stage:
-            run(cat("features"), cat("cond"), cat("drop").float(), mask.float())
+            args = [mb.stage_args() for mb in micro]
+            run(*(torch.cat(column) for column in zip(*args)))
         elif self.topo.is_last_stage:
-            run(target=cat("targets").float(), losses=[])
+            run(target=torch.cat([mb.targets for mb in micro]).float(), losses=[])
         else:
             run()
-        lv, d = micro[0].targets.shape[1:]
         # a new schedule's first step also runs the loss once on placeholder tensors (shape inference): keep the
         # last n, the real micro-batches
         stats = stats[-n:]
         if self.topo.is_last_stage and len(stats) != n:
             raise RuntimeError(f"pipeline schedule computed {len(stats)} losses for {n} micro-batches")
         if stats:
-            loss = torch.stack([s[0] for s in stats]).mean()
-            tl, tc = sum(s[1] for s in stats), sum(s[2] for s in stats)
+            loss, summed = torch.stack([s[0] for s in stats]).mean(), sum(s[1] for s in stats)
         else:
-            loss, tl, tc = torch.zeros(()), torch.zeros(lv), torch.zeros(lv)
+            loss, summed = torch.zeros(()), torch.zeros(objective.stats_size)
         # the last stage has the loss: share it with the whole pipeline group (the others contribute zeros)
-        packed = torch.cat([loss.view(1), tl, tc])
-        dist.all_reduce(packed, group=_groups().get_pipeline_model_parallel_group())
-        return packed[0], packed[1:1 + lv], packed[1 + lv:]
+        loss, summed = all_reduce_packed([loss, summed], pipeline_group())
+        return loss, summed
 
     def step(self) -> tuple[float, bool]:
         """(global grad norm, whether the update was applied)."""
         params = [p for g in self.opt.param_groups for p in g["params"]]
         if self.topo.dp > 1:
-            group = _groups().get_data_parallel_group()
+            group = data_parallel_group()
             for p in params:
                 if p.grad is not None:
-                    dist.all_reduce(p.grad, group=group)
+                    all_reduce(p.grad, group)
                     p.grad.div_(self.topo.dp)
         norm = clip_global_grad_norm(params, self.tcfg.grad_clip, self.topo)
         if not math.isfinite(norm):
@@ -172,11 +224,8 @@ class TorchEngine:
         self.sched.step()
         return norm, True
 
-    def set_batch(self, global_batch: int, micro_batch: int) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        """Model and AdamW state by (dense) parameter name, so any layout can reload it (parallel.reshard)."""
+    # -- checkpoints: by (dense) parameter name, so any ZeRO-0 layout can reload them ---------------------------
+    def state_dict(self) -> dict[str, Any]:
         names = {id(p): clean_name(n) for n, p in self.module.named_parameters()}
         optim = {names[id(p)]: dict(self.opt.state[p]) for g in self.opt.param_groups for p in g["params"]
                  if p in self.opt.state}
@@ -184,24 +233,41 @@ class TorchEngine:
         return {"model": {names[id(p)]: p.detach() for _, p in self.module.named_parameters()}, "optim": optim,
                 "optim_hparams": hparams, "scheduler": self.sched.state_dict()}
 
-    def load_full_state(self, model: dict[str, torch.Tensor], optim: dict[str, dict], hparams: list[dict],
-                        scheduler: dict) -> None:
-        """Take this rank's slices of full (layout-independent) model and optimizer state."""
-        from parallel.reshard import local_slice
+    def save(self, directory: Path) -> None:
+        pass  # everything is in `state_dict`
 
-        tp, tp_rank = self.topo.tp, self.topo.tp_rank
+    def shards_to_read(self, meta: dict) -> set[str]:
+        return fmt.model_shards(meta)
+
+    def load(self, directory: Path, meta: dict, shards: dict[str, dict]) -> None:
+        """Rebuild this rank's slices from the full state the saved layout's shards hold together."""
+        saved = meta.get("layout", fmt.SINGLE)
+        if saved["zero_stage"] != 0:
+            raise fmt.layout_mismatch(directory, saved, self.layout)
+        split = meta.get("tp_split", self.plan.tp_split)
+        by_rank = {fmt.shard_rank(name): shards[name] for name in fmt.model_shards(meta)}
+        model, optim = fmt.assemble(by_rank, saved, split)
+        first = by_rank[0]
+        try:
+            self._load_full_state(model, optim, first["optim_hparams"], first["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"{directory}: does not fit this model/optimizer ({str(e).splitlines()[0]})") from None
+
+    def _load_full_state(self, model: dict[str, torch.Tensor], optim: dict[str, dict], hparams: list[dict],
+                         scheduler: dict) -> None:
+        tp, tp_rank, split = self.topo.tp, self.topo.tp_rank, self.plan.tp_split
         missing = [clean_name(n) for n, _ in self.module.named_parameters() if clean_name(n) not in model]
         if missing:
             raise ValueError(f"checkpoint lacks parameters {missing[:3]}")
         with torch.no_grad():
             for name, p in self.module.named_parameters():
                 n = clean_name(name)
-                value = local_slice(n, model[n], tp, tp_rank)
+                value = fmt.local_slice(n, model[n], tp, tp_rank, split)
                 if value.shape != p.shape:
                     raise ValueError(f"{n}: checkpoint slice {tuple(value.shape)} vs model {tuple(p.shape)}")
                 p.copy_(value)
                 if n in optim:
-                    self.opt.state[p] = {k: (local_slice(n, v, tp, tp_rank).clone() if k in ("exp_avg", "exp_avg_sq")
+                    self.opt.state[p] = {k: (fmt.local_slice(n, v, tp, tp_rank, split).clone() if k in fmt.MOMENTS
                                              else v.clone()) for k, v in optim[n].items()}
         if len(hparams) != len(self.opt.param_groups):
             raise ValueError(f"checkpoint has {len(hparams)} optimizer groups, this model {len(self.opt.param_groups)}")
@@ -209,118 +275,7 @@ class TorchEngine:
             group.update(h)
         self.sched.load_state_dict(scheduler)
 
-
-def clean_name(name: str) -> str:
-    """The dense model's parameter name (drops the tensor-parallel `.layer` wrapper)."""
-    return name.replace(".layer.", ".")
-
-
-class MegatronMPU:
-    """The `mpu` interface DeepSpeed asks for, answered by megatron-core's parallel_state (tensor parallel =
-    DeepSpeed's "model parallel")."""
-
-    def __getattr__(self, name: str):
-        ps = _groups()
-        mapping = {"get_model_parallel_rank": ps.get_tensor_model_parallel_rank,
-                   "get_model_parallel_world_size": ps.get_tensor_model_parallel_world_size,
-                   "get_model_parallel_group": ps.get_tensor_model_parallel_group}
-        if name in mapping:
-            return mapping[name]
-        return getattr(ps, name)
-
-
-def deepspeed_config(pcfg: ParallelConfig, tcfg, topo: Topology, global_batch: int, micro_batch: int,
-                     device: str, width: int) -> dict:
-    """The whole DeepSpeed config, from our YAML sections (there is no separate DeepSpeed JSON)."""
-    return {
-        "train_batch_size": global_batch,
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": global_batch // (micro_batch * topo.dp),
-        "gradient_clipping": float(tcfg.grad_clip),  # set explicitly: DeepSpeed's default is 1.0
-        # bucket sizes scaled to the model (DeepSpeed's defaults reserve up to 5e8 elements, 2 GB in fp32)
-        "zero_optimization": {"stage": pcfg.zero_stage, "reduce_bucket_size": width * width,
-                              "allgather_bucket_size": width * width,
-                              "stage3_prefetch_bucket_size": int(0.9 * width * width),
-                              "stage3_param_persistence_threshold": 10 * width},
-        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW as the client optimizer
-        "bf16": {"enabled": tcfg.precision == "bf16" and device == "cuda"},
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-
-
-class DeepSpeedEngine:
-    def __init__(self, model: VideoAR, topo: Topology, pcfg: ParallelConfig, tcfg, total_steps: int,
-                 device: torch.device, global_batch: int, micro_batch: int):
-        import deepspeed
-        import deepspeed.ops
-
-        if device.type == "cpu":  # its shared-memory op compiles for ~40 s at first use and is not needed on CPU
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        self.topo, self.tcfg, self.device, self.model = topo, tcfg, device, model
-        opt = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=tuple(tcfg.betas))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg, total_steps))
-        self.engine, self.opt, _, self.sched = deepspeed.initialize(
-            model=model, optimizer=opt, lr_scheduler=sched, mpu=MegatronMPU(),
-            config=deepspeed_config(pcfg, tcfg, topo, global_batch, micro_batch, device.type, model.cfg.width))
-        self.module = self.engine.module
-
-    @property
-    def lr(self) -> float:
-        return self.sched.get_last_lr()[0]
-
-    def set_batch(self, global_batch: int, micro_batch: int) -> None:
-        if (global_batch, micro_batch) != (self.engine.train_batch_size(), self.engine.train_micro_batch_size_per_gpu()):
-            self.engine.set_train_micro_batch_size(micro_batch)
-            self.engine.set_train_batch_size(global_batch)
-
-    def forward_backward(self, micro: list[MicroBatch], layout: SequenceLayout) -> tuple[torch.Tensor, ...]:
-        if len(micro) != self.engine.gradient_accumulation_steps():
-            raise RuntimeError(f"{len(micro)} micro-batches but DeepSpeed accumulates "
-                               f"{self.engine.gradient_accumulation_steps()}")
-        self.engine.train()
-        self._skipped_before = self.engine.skipped_steps
-        loss_sum, tl, tc = torch.zeros(()), 0, 0
-        weights = scale_loss_weights(layout, self.tcfg.scale_loss_weight)
-        for mb in micro:
-            logits = self.engine(mb.cond, mb.features, layout, mb.mask, mb.drop)
-            loss, token_loss, token_correct = bit_loss(logits, mb.targets, weights)
-            self.engine.backward(poison_if_nonfinite(loss))  # scaled by 1/accumulation inside
-            self.engine.step()  # updates only at the accumulation boundary
-            loss_sum, tl, tc = loss_sum + loss.detach(), tl + token_loss, tc + token_correct
-        return loss_sum / len(micro), tl, tc
-
-    def evaluate(self, micro: list[MicroBatch], layout: SequenceLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward only (ZeRO-3 gathers the parameters as in training): per-token loss and correct-bit sums."""
-        self.engine.eval()
-        tl, tc = 0, 0
-        with torch.no_grad():
-            for mb in micro:
-                _, token_loss, token_correct = bit_loss(self.engine(mb.cond, mb.features, layout, mb.mask, mb.drop),
-                                                        mb.targets)
-                tl, tc = tl + token_loss, tc + token_correct
-        return tl, tc
-
-    def step(self) -> tuple[float, bool]:
-        """The update already happened at the accumulation boundary; DeepSpeed itself skips a step with a
-        non-finite gradient norm (and its LR schedule step) and counts it in `skipped_steps`."""
-        norm = self.engine.get_global_grad_norm()
-        applied = self.engine.skipped_steps == self._skipped_before
-        return (float(norm) if norm is not None else float("nan")), applied
-
-    def state_dict(self) -> dict:
-        raise NotImplementedError("DeepSpeed engines save with their own save_checkpoint (trainer/videoar_checkpoints.py)")
-
-
-def local_state_dict(engine) -> dict[str, torch.Tensor]:
-    """This rank's model parameters (its tensor-parallel shards, its pipeline stage), complete even under
-    ZeRO-3, named like the dense model's (the parallel layers' `.layer` wrapper dropped)."""
-    module = engine.module
-    if isinstance(engine, DeepSpeedEngine) and engine.engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            state = {k: v.detach().clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
-    else:
-        state = {k: v.detach().clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
-    return {clean_name(k): v for k, v in state.items()}
+    def local_model_state(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters (its tensor-parallel shards, its pipeline stage), dense names."""
+        return {clean_name(k): v.detach().clone() for k, v in self.module.state_dict().items()
+                if torch.is_tensor(v)}

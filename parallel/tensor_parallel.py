@@ -1,11 +1,11 @@
-"""Megatron-style tensor parallelism for the VideoAR blocks with megatron-core's layers (DESIGN §4).
+"""Megatron-style tensor parallelism of a model's blocks with megatron-core's layers (DESIGN §4), as its
+`ParallelPlan` says (common/parallel_plan.py).
 
-Per block: the QKV and SwiGLU gate/up projections become `ColumnParallelLinear` (each rank owns heads
-[r*H/tp, (r+1)*H/tp) with their q, k, v, and a slice of the MLP columns), the attention output and MLP down
-projections become `RowParallelLinear` (their outputs are all-reduced). RoPE, QK-norm, the masks and SDPA act
-per head, so they run unchanged on the local heads; the QK-norm weights are shared by all heads, so their
-partial gradients are summed over the tensor-parallel group. Embeddings, norms and the bitwise head stay
-replicated.
+Per block, the plan's `column_parallel` Linears become `ColumnParallelLinear` (for VideoAR: QKV and SwiGLU gate/up,
+so each rank owns heads [r*H/tp, (r+1)*H/tp) with their q, k, v, and a slice of the MLP columns) and its
+`row_parallel` ones `RowParallelLinear` (attention output and MLP down; their outputs are all-reduced). What acts
+per head runs unchanged on the local heads; parameters the plan marks `tp_shared` (QK-norm weights, shared by all
+heads) get their partial gradients summed over the tensor-parallel group. Everything else stays replicated.
 Weights are copied from the dense model's slices, so a tp run starts from exactly the single-process weights.
 """
 
@@ -14,11 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.videoar import VideoAR
-
-# which dense Linear of a block becomes which parallel layer, and the dimension its weight is split along
-PARALLEL_LINEARS = {"attn.qkv": ("column", 0), "attn.proj": ("row", 1), "mlp.gate": ("column", 0),
-                    "mlp.up": ("column", 0), "mlp.down": ("row", 1)}
+from common.parallel_plan import ParallelPlan
 
 
 class TensorParallelLinear(nn.Module):
@@ -30,7 +26,7 @@ class TensorParallelLinear(nn.Module):
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
         if dense.bias is not None:
-            raise ValueError("tensor-parallel VideoAR layers have no bias")
+            raise ValueError("tensor-parallel layers here have no bias")
         common = dict(config=config, init_method=nn.init.zeros_, bias=False, skip_bias_add=True)
         if kind == "column":
             self.layer = ColumnParallelLinear(dense.in_features, dense.out_features, gather_output=False, **common)
@@ -58,38 +54,30 @@ def model_parallel_config(tp: int, dtype: torch.dtype = torch.float32):
                                perform_initialization=True)
 
 
-def apply_tensor_parallel(model: VideoAR, tp: int) -> VideoAR:
-    """Swap every block's projections for tensor-parallel ones (in place); tp == 1 leaves the model dense."""
+def apply_tensor_parallel(model: nn.Module, plan: ParallelPlan, tp: int) -> nn.Module:
+    """Swap every block's planned projections for tensor-parallel ones (in place); tp == 1 leaves it dense."""
     if tp == 1:
         return model
-    cfg = model.cfg
-    if cfg.heads % tp or cfg.mlp_hidden % tp:
-        raise ValueError(f"videoar.heads={cfg.heads} and the MLP width {cfg.mlp_hidden} must be divisible by "
-                         f"parallel.tp={tp}")
+    if any(size % tp for _, size in plan.tp_divisible):
+        sizes = " and ".join(f"{what} {size}" for what, size in plan.tp_divisible)
+        raise ValueError(f"{sizes} must be divisible by parallel.tp={tp}")
     mp_config = model_parallel_config(tp)
-    for block in model.blocks:
-        for name, (kind, _) in PARALLEL_LINEARS.items():
-            owner_name, attr = name.split(".")
-            owner = getattr(block, owner_name)
+    kinds = {**{n: "column" for n in plan.column_parallel}, **{n: "row" for n in plan.row_parallel}}
+    for block in getattr(model, plan.blocks):
+        for name, kind in kinds.items():
+            owner_name, attr = name.rsplit(".", 1)
+            owner = block.get_submodule(owner_name)
             setattr(owner, attr, TensorParallelLinear(getattr(owner, attr), kind, mp_config))
-        # QK-norm weights are shared by all heads but each rank only sees its own heads: sum their gradients
-        for p in list(block.attn.q_norm.parameters()) + list(block.attn.k_norm.parameters()):
-            p.register_hook(_sum_over_tensor_parallel)
+        # shared by all heads but each rank only sees its own heads: sum their gradients
+        for shared in plan.tp_shared:
+            for p in block.get_submodule(shared).parameters():
+                p.register_hook(_sum_over_tensor_parallel)
     return model
 
 
 def _sum_over_tensor_parallel(grad: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+    from parallel.collectives import all_reduce, tensor_parallel_group
 
     grad = grad.clone()
-    dist.all_reduce(grad, group=ps.get_tensor_model_parallel_group())
+    all_reduce(grad, tensor_parallel_group())
     return grad
-
-
-def tp_split_dim(param_name: str) -> int | None:
-    """The dimension a parameter is split along under tensor parallelism (None: replicated)."""
-    for name, (_, dim) in PARALLEL_LINEARS.items():
-        if f".{name}." in f".{param_name}":
-            return dim
-    return None

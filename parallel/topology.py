@@ -10,7 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from parallel.config import ParallelConfig
+from common.job_config import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def init_topology(cfg: ParallelConfig, device: str = "cpu") -> Topology:
                                  distributed_timeout_minutes=cfg.timeout_s / 60)
     topo = Topology(rank, world, cfg.tp, cfg.pp, world // (cfg.tp * cfg.pp), ps.get_tensor_model_parallel_rank(),
                     ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
-    from parallel.reshard import rank_of
+    from parallel.checkpoint_format import rank_of
 
     if rank_of(topo.tp_rank, topo.dp_rank, topo.pp_rank, {"tp": topo.tp, "dp": topo.dp}) != rank:
         raise RuntimeError(f"rank {rank}: megatron-core placed it at tp {topo.tp_rank}, dp {topo.dp_rank}, pp "
@@ -86,26 +86,6 @@ def destroy_topology() -> None:
 
         ps.destroy_model_parallel()
         dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    """`obj` from rank `src` on every rank (identity in a single process)."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def data_parallel_group():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_data_parallel_group()
 
 
 _COLLECTIVE_FAILURE = ("gloo", "nccl", "timed out", "connection closed", "connection reset", "broken pipe")

@@ -16,8 +16,8 @@ import torch
 
 from data_pipeline.synth import generate_clips
 from models.tokenizer import VideoTokenizer
-from trainer.config import Config, load_config
-from trainer.tokenizer_ckpt import save_tokenizer
+from common.config import Config, load_config
+from data_pipeline.tokenizer_ckpt import save_tokenizer
 
 TINY = [
     "data.resolution=[32,32]", "data.frames=5", "data.synth_frames=13", "data.heldout_clips=2",

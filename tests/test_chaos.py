@@ -22,8 +22,8 @@ from data_pipeline.preprocess import MANIFEST, preprocess
 from data_pipeline.synth import generate_clips
 from parallel.launch import free_port
 from tests.conftest import make_cfg
-from trainer.config import save_config
-from trainer.metrics import read_jsonl
+from common.config import save_config
+from common.metrics import read_jsonl
 
 STEPS, GLOBAL_BATCH, SAMPLES = 12, 2, 24  # 12 clips x 2 windows of 5 frames = one epoch in 12 steps
 STAGE = (f"curriculum=[{{name: main, until_step: {STEPS}, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "

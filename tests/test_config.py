@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from common.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

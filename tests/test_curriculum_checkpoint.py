@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 
-from models.validation import ConfigError
+from common.validation import ConfigError
 from tests.conftest import TINY
-from trainer.checkpoint import committed_steps, load_latest, read_checkpoint, save_checkpoint, step_dir
-from trainer.config import load_config
+from parallel.checkpoint_format import committed_steps, load_latest, read_checkpoint, save_checkpoint, step_dir
+from common.config import load_config
+from data_pipeline.latent_set import LatentSet
+from data_pipeline.loader import StreamingLoader
 from trainer.curriculum import Curriculum, StageConfig
 
 
@@ -34,17 +36,23 @@ def test_stage_and_flip_schedule_are_pure_functions_of_the_step():
 
 
 def test_consumed_samples_are_checked_on_resume():
+    """The data position is the loader's (samples consumed per stage); the curriculum checks it on resume."""
     c = two_stages()
+    names = [s.name for s in c.stages]
+    data = LatentSet(torch.zeros(20, 1, 1, 1, 1), torch.zeros(20, dtype=torch.long), [""] * 20)
+    loader = StreamingLoader(names, seed=0, dp_rank=0, dp=1)
     for step in range(13):
-        c.record(step, c.stage(step).global_batch)
-    fresh = two_stages()
-    fresh.load_state_dict(c.state_dict(), 13)
+        loader.set_stage(c.index(step), data)
+        loader.next_batch(c.stage(step).global_batch)
+    fresh = StreamingLoader(names, seed=0, dp_rank=0, dp=1)
+    fresh.load_state_dict(loader.state_dict())
+    c.check_consumed(fresh.consumed, 13)
     assert fresh.consumed == [80, 6]
     with pytest.raises(ValueError, match="curriculum mismatch at step 12"):
-        two_stages().load_state_dict(c.state_dict(), 12)
-    renamed = Curriculum([StageConfig(name="x", until_step=10), StageConfig(name="b", until_step=30)])
+        two_stages().check_consumed(loader.state_dict()["consumed"], 12)
+    renamed = StreamingLoader(["x", "b"], seed=0, dp_rank=0, dp=1)
     with pytest.raises(ValueError, match="stages"):
-        renamed.load_state_dict(c.state_dict(), 13)
+        renamed.load_state_dict(loader.state_dict())
 
 
 @pytest.mark.parametrize("override, field", [

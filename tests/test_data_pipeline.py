@@ -18,7 +18,7 @@ from data_pipeline.object_store import open_store
 from data_pipeline.preprocess import input_id, preprocess
 from data_pipeline.video_io import read_video, write_video
 from tests.conftest import make_cfg
-from trainer.tokenizer_ckpt import load_tokenizer
+from data_pipeline.tokenizer_ckpt import load_tokenizer
 from trainer.train_videoar import VideoARTrainer
 
 GOOD = 4  # clips of 13 frames -> 2 clips of 5 frames each
@@ -190,7 +190,7 @@ def test_trainer_trains_from_s3_shards(s3_shards, s3_endpoint, clips_dir, tokeni
     import logging
 
     from trainer.evaluate import eval_count
-    from trainer.metrics import read_jsonl
+    from common.metrics import read_jsonl
 
     cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path / "a", STAGE, "data.shards=s3://shards/out",
                    f"data.endpoint_url={s3_endpoint}", "videoar_train.eval_every=3",
@@ -198,7 +198,7 @@ def test_trainer_trains_from_s3_shards(s3_shards, s3_endpoint, clips_dir, tokeni
     trainer = VideoARTrainer(cfg, progress=False)
     run = trainer.train()
     assert run.step == 3 and all(np.isfinite(run.losses))
-    assert isinstance(trainer._data, ShardSet) and trainer._data.bytes_read > 0
+    assert isinstance(trainer.loader.dataset, ShardSet) and trainer.loader.dataset.bytes_read > 0
     held = trainer.evaluator._data
     assert isinstance(held, ShardSet) and held.bytes_read > 0
     last = read_jsonl(tmp_path / "a" / "videoar" / "metrics.jsonl")[-1]

@@ -11,9 +11,9 @@ import torch
 
 from parallel.launch import run_local
 from tests.conftest import make_cfg
-from trainer.checkpoint import committed_steps, read_checkpoint, step_dir
-from trainer.metrics import read_jsonl
-from trainer.objective import poison_if_nonfinite
+from parallel.checkpoint_format import committed_steps, read_checkpoint, step_dir
+from common.metrics import read_jsonl
+from parallel.engine import poison_if_nonfinite
 from trainer.train_videoar import NonFiniteError, VideoARTrainer
 
 PEAK = "run.peak_flops=1e9"  # skip the start-up GEMM measurement
@@ -49,17 +49,17 @@ def test_a_non_finite_step_is_skipped_and_counted(clips_dir, tokenizer_ckpt, tmp
 def test_an_inf_loss_with_finite_gradients_is_skipped_too(clips_dir, tokenizer_ckpt, tmp_path, monkeypatch):
     """An inf constant added to the third step's loss leaves its gradients finite; the step is skipped all the same
     (the loss is logged as inf)."""
-    import parallel.engine
+    import models.objective
 
     cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path, "videoar_train.steps=4", PEAK)
     trainer = VideoARTrainer(cfg, progress=False)
-    real = parallel.engine.bit_loss
+    real = models.objective.bit_loss
 
     def inf_at_third_step(logits, targets, weights=None):
         loss, token_loss, token_correct = real(logits, targets, weights)
         return (loss + float("inf") if trainer.step == 2 else loss), token_loss, token_correct
 
-    monkeypatch.setattr(parallel.engine, "bit_loss", inf_at_third_step)
+    monkeypatch.setattr(models.objective, "bit_loss", inf_at_third_step)
     trainer.train(max_steps=2)
     before = weights(trainer)
     trainer.train(max_steps=3)
@@ -199,7 +199,7 @@ def test_deepspeed_zero_skips_a_non_finite_step_the_same_way(clips_dir, tokenize
 
 
 def test_a_commit_clears_what_a_dead_save_left_and_keeps_the_last_k(tmp_path):
-    from trainer.checkpoint import save_checkpoint
+    from parallel.checkpoint_format import save_checkpoint
 
     stale = tmp_path / ".tmp-step-00000003"  # a save killed before its commit
     stale.mkdir()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import make_cfg
-from trainer.config import save_config
+from common.config import save_config
 from trainer.preemption import EXIT_PREEMPTED
 
 STAGE = ("curriculum=[{name: s, until_step: 40, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import make_cfg
-from trainer.metrics import MetricSinks, numeric, prometheus_name, read_jsonl
+from common.metrics import MetricSinks, numeric, prometheus_name, read_jsonl
 from trainer.step_metrics import PHASES
 from trainer.train_videoar import VideoARTrainer
 

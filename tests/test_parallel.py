@@ -28,7 +28,6 @@ def cfg_for(clips_dir, tokenizer_ckpt, run_dir, tp=1, pp=1, zero=0, *extra):
 
 
 def _train_and_resume(rank, world, clips_dir, tokenizer_ckpt, run_dir, tp, pp, zero, out):
-    from parallel.engine import local_state_dict
     from trainer.train_videoar import VideoARTrainer
 
     cfg = cfg_for(clips_dir, tokenizer_ckpt, run_dir, tp, pp, zero)
@@ -37,7 +36,8 @@ def _train_and_resume(rank, world, clips_dir, tokenizer_ckpt, run_dir, tp, pp, z
     second = VideoARTrainer(cfg, progress=False)
     run = second.train()
     topo = second.topo
-    torch.save({"losses": losses + run.losses, "start": run.start_step, "state": local_state_dict(second.engine),
+    torch.save({"losses": losses + run.losses, "start": run.start_step, "state": second.engine.local_model_state(),
+                "split": second.plan.tp_split,
                 "tp_rank": topo.tp_rank, "pp_rank": topo.pp_rank, "dp_rank": topo.dp_rank}, f"{out}/rank{rank}.pt")
 
 
@@ -53,7 +53,7 @@ def reference(clips_dir, tokenizer_ckpt, tmp_path_factory):
 
 def last_eval(run_dir) -> dict[str, float]:
     """The eval/* losses of the last record that has them (rank 0's metrics)."""
-    from trainer.metrics import read_jsonl
+    from common.metrics import read_jsonl
 
     rec = [r for r in read_jsonl(run_dir / "videoar" / "metrics.jsonl") if "eval/loss" in r][-1]
     return {k: v for k, v in rec.items() if k.startswith("eval/loss") or k in ("step", "eval/samples")}
@@ -61,13 +61,13 @@ def last_eval(run_dir) -> dict[str, float]:
 
 def merge(results: list[dict]) -> dict[str, torch.Tensor]:
     """Full weights from dp-rank-0 shards: tensor-parallel pieces concatenated along their split dim."""
-    from parallel.tensor_parallel import tp_split_dim
+    from common.parallel_plan import tp_split_dim
 
     full = {}
     shards = sorted((r for r in results if r["dp_rank"] == 0), key=lambda r: (r["pp_rank"], r["tp_rank"]))
     for name in {k for r in shards for k in r["state"]}:
         parts = [r["state"][name] for r in shards if name in r["state"]]
-        dim = tp_split_dim(name)
+        dim = tp_split_dim(name, shards[0]["split"])
         full[name] = torch.cat(parts, dim) if dim is not None else parts[0]
     return full
 
@@ -162,7 +162,7 @@ def test_reshard_and_consolidate(clips_dir, tokenizer_ckpt, tmp_path, reference)
     from models.sampler import SamplingConfig, sample
     from parallel.consolidate import main as consolidate
     from trainer.sample import load_videoar
-    from trainer.tokenizer_ckpt import load_tokenizer
+    from data_pipeline.tokenizer_ckpt import load_tokenizer
     from trainer.train_videoar import VideoARTrainer
 
     ref_losses, _, _ = reference

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from models.validation import ConfigError
-from parallel.config import ParallelConfig
-from parallel.reshard import rank_of, source_ranks
+from common.validation import ConfigError
+from common.job_config import ParallelConfig
+from parallel.checkpoint_format import rank_of, source_ranks
 from parallel.topology import init_topology
 from tests.conftest import TINY
-from trainer.config import load_config
+from common.config import load_config
 
 
 def test_zero_with_pipeline_is_refused_with_the_reason():

@@ -11,7 +11,7 @@ import torch
 
 from parallel.launch import run_local
 from tests.conftest import make_cfg
-from trainer.config import save_config
+from common.config import save_config
 from trainer.preemption import EXIT_PREEMPTED
 from trainer.train_videoar import VideoARTrainer, main
 

@@ -11,7 +11,7 @@ import pytest
 from data_pipeline.object_store import open_store
 from data_pipeline.preprocess import preprocess
 from tests.conftest import make_cfg
-from trainer.metrics import read_jsonl
+from common.metrics import read_jsonl
 
 GOOD = 3  # clips of 13 frames -> 2 clips of 5 frames each
 STAGE = ("curriculum=[{name: s, until_step: 3, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "

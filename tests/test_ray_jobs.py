@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_cfg
-from trainer.config import save_config
+from common.config import save_config
 
 STAGE = ("curriculum=[{name: s, until_step: 3, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
          "global_batch: 4, micro_batch: 2}]")

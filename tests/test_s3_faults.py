@@ -18,7 +18,7 @@ from data_pipeline.object_store import open_store
 from data_pipeline.preprocess import PROJECT_ROOT, input_id
 from data_pipeline.synth import generate_clips
 from tests.conftest import make_cfg
-from trainer.config import save_config
+from common.config import save_config
 
 GOOD = 12  # clips of 13 frames -> 2 clips of 5 frames each
 BAD = {"empty.mp4": b"", "text.mp4": b"this is not a video at all"}

@@ -9,7 +9,7 @@ import torch
 from data_pipeline.video_io import probe_video, read_video
 from tests.conftest import make_cfg
 from trainer.sample import main, sample_to_files
-from trainer.tokenizer_ckpt import load_tokenizer
+from data_pipeline.tokenizer_ckpt import load_tokenizer
 from trainer.train_videoar import train_videoar
 
 STAGE = ("curriculum=[{name: s, until_step: 2, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jobs.slurm import main, render_sbatch, write_job
 from tests.conftest import TINY
-from trainer.config import load_config
+from common.config import load_config
 
 
 def test_four_nodes_of_eight_gpus(tmp_path):

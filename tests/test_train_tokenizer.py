@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from data_pipeline.video_io import probe_video
-from trainer.metrics import psnr
-from trainer.tokenizer_ckpt import WEIGHTS, load_tokenizer
+from common.metrics import psnr
+from data_pipeline.tokenizer_ckpt import WEIGHTS, load_tokenizer
 from trainer.train_tokenizer import eval_batch, train_tokenizer
 from data_pipeline.clips import load_clip_folder
 
@@ -18,7 +18,7 @@ from data_pipeline.clips import load_clip_folder
 @pytest.fixture(scope="module")
 def trained(clips_dir, tmp_path_factory):
     from tests.conftest import TINY
-    from trainer.config import load_config
+    from common.config import load_config
 
     run = tmp_path_factory.mktemp("tokrun")
     cfg = load_config(None, TINY + [f"data.clips_dir={clips_dir}", f"run.dir={run}", "tokenizer_train.steps=60",

@@ -29,7 +29,7 @@ def test_resume_equals_uninterrupted_run_across_a_stage_switch(clips_dir, tokeni
     assert first.losses + second.losses == ref.losses  # exact: fp32, CPU, same RNG streams
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
-    assert resumed.curriculum.consumed == whole.curriculum.consumed == [12, 6]
+    assert resumed.loader.consumed == whole.loader.consumed == [12, 6]
 
 
 def test_resume_refuses_a_changed_curriculum(clips_dir, tokenizer_ckpt, tmp_path):
@@ -62,7 +62,7 @@ def test_metrics_report_stage_flip_and_breakdowns(clips_dir, tokenizer_ckpt, tmp
 
 def test_scale_loss_weights_and_the_weighted_bit_loss():
     from models.layout import SequenceLayout
-    from trainer.objective import bit_loss, scale_loss_weights
+    from models.objective import bit_loss, scale_loss_weights
 
     layout = SequenceLayout(prefix_len=3, num_frames=2, sizes=((1, 1), (2, 2), (4, 4)))
     assert scale_loss_weights(layout, "none") is None
@@ -91,7 +91,7 @@ def test_overfit_then_greedy_sampling_reproduces_training_bits(clips_dir, tokeni
     run = trainer.train()
     assert run.losses[0] == pytest.approx(0.6931, abs=1e-3)  # zero-initialised head: p = 1/2 per bit
     assert sum(run.losses[-10:]) / 10 < 0.05
-    data, q = trainer._data, trainer._quantizer
+    data, q = trainer.loader.dataset, trainer.quantizer
     assert len(data) == 6
     latents, classes = data.batch(list(range(6)))
     truth = [torch.stack([q.encode(latents[:, t])[k] for t in range(latents.shape[1])], 1)
@@ -156,7 +156,7 @@ def test_heldout_evaluation_is_plain_teacher_forcing_on_unseen_clips_and_leaves_
                                       "videoar_train.eval_every=2"), progress=False)
     first = trainer.evaluate()  # before any step: p = 1/2 for every bit
     assert first["eval/loss"] == pytest.approx(math.log(2), rel=1e-6) and first["eval/samples"] == 4
-    held, train = trainer.evaluator._data, trainer._data
+    held, train = trainer.evaluator._data, trainer.loader.dataset
     assert (len(held), len(train)) == (4, 12)  # 2 windows of 5 frames per 13-frame clip; 2 of 8 clips held out
     assert not any(torch.equal(h, t) for h in held.latents for t in train.latents)
     assert trainer.train().losses == reference

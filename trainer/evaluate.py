@@ -14,12 +14,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import torch
-import torch.distributed as dist
-
 from data_pipeline.order import rank_slice
-from parallel.topology import data_parallel_group
-from trainer.objective import breakdown, prepare_batch, sample_generator
+from models.objective import BitObjective, breakdown, prepare_batch, sample_generator
+from parallel.collectives import all_reduce, data_parallel_group
 
 log = logging.getLogger("train_videoar")
 EVAL_STEP = -1  # the generator stream of held-out samples (nothing random is drawn with every probability 0)
@@ -65,11 +62,11 @@ class HeldOutEvaluator:
         gens = [sample_generator(cfg.run.seed, EVAL_STEP, j) for j in positions]
         batch = prepare_batch(quantizer, layout, lat.to(tr.device), cond.to(tr.device), plain, 0.0, 0.0, 0.0, 0.0,
                               gens)
-        token_loss, token_correct = tr.engine.evaluate(batch.split(micro), layout)
+        objective = BitObjective(layout.length - layout.prefix_len)  # the plain mean, whatever the weighting
+        stats = tr.engine.evaluate(batch.split(micro), objective)
         if topo.dp > 1:
-            packed = torch.cat([token_loss, token_correct])
-            dist.all_reduce(packed, group=data_parallel_group())
-            token_loss, token_correct = packed[:token_loss.numel()], packed[token_loss.numel():]
+            all_reduce(stats, data_parallel_group())
+        token_loss, token_correct = objective.split_stats(stats)
         frame_ids, scale_ids = (x[layout.prefix_len:] for x in layout.token_ids())
         parts = breakdown(token_loss, token_correct, n, quantizer.dim, frame_ids, scale_ids)
         return {"eval/loss": float(token_loss.sum() / (n * token_loss.numel())), "eval/samples": n,

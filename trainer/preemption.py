@@ -9,8 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 
-import torch
-import torch.distributed as dist
+from parallel.collectives import any_rank
 
 log = logging.getLogger(__name__)
 EXIT_PREEMPTED = 3  # the sbatch script requeues the job when the trainer exits with this
@@ -44,8 +43,4 @@ class PreemptionFlag:
 
     def agreed(self) -> bool:
         """True on every rank when any rank was signalled (a collective: call it on all ranks each step)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.requested)

@@ -25,10 +25,10 @@ from data_pipeline.video_io import read_video, write_contact_sheet, write_video
 from models.sampler import CFG_SCHEDULES, SamplingConfig, sample
 from models.tokenizer import VideoTokenizer
 from models.videoar import VideoAR
-from parallel.consolidate import full_model_state, read_consolidated, resolve_step_dir
-from trainer.config import Config, config_from_dict
+from parallel.checkpoint_format import full_model_state, read_consolidated, resolve_step_dir
+from common.config import Config, config_from_dict
 from trainer.curriculum import StageConfig
-from trainer.tokenizer_ckpt import load_tokenizer
+from data_pipeline.tokenizer_ckpt import load_tokenizer
 
 log = logging.getLogger("sample")
 

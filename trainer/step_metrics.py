@@ -7,7 +7,6 @@ import resource
 import sys
 
 import torch
-import torch.distributed as dist
 
 PHASES = ("time/data_s", "time/prepare_s", "time/fwd_bwd_s", "time/optimizer_s", "time/checkpoint_s")
 PER_RANK = PHASES + ("mem/peak_rss_gb", "mem/peak_device_gb")
@@ -18,15 +17,6 @@ def peak_memory_gb(device: torch.device) -> tuple[float, float]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return rss / 1e9, cuda / 1e9
-
-
-def max_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Each value's maximum over all ranks (one all-reduce); the identity in a single process."""
-    if not dist.is_initialized():
-        return dict(values)
-    packed = torch.tensor(list(values.values()), dtype=torch.float64)
-    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
-    return dict(zip(values, packed.tolist()))
 
 
 def throughput(rec: dict, world: int, peak_flops: float) -> dict[str, float]:

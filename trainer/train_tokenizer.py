@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_pipeline.clips import Clip, load_clip_folder, random_windows, to_model_input, to_uint8_frames
+from data_pipeline.clips import Clip, load_clip_folder, random_windows, split_heldout, to_model_input, to_uint8_frames
 from data_pipeline.video_io import write_contact_sheet, write_video
 from models.tokenizer import TokenizerOutput, VideoTokenizer
-from trainer.config import Config, TokenizerTrainConfig, config_arg_parser, config_from_args, save_config
-from trainer.metrics import JsonlLogger, psnr
-from trainer.schedules import param_groups, warmup_cosine
-from trainer.tokenizer_ckpt import save_tokenizer
+from common.config import Config, TokenizerTrainConfig, config_arg_parser, config_from_args, save_config
+from common.metrics import JsonlLogger, psnr
+from parallel.optim import param_groups, warmup_cosine
+from data_pipeline.tokenizer_ckpt import save_tokenizer
 
 log = logging.getLogger("train_tokenizer")
 
@@ -86,9 +86,7 @@ def train_tokenizer(cfg: Config, progress: bool = True) -> TokenizerRun:
     t, d = cfg.tokenizer_train, cfg.data
 
     clips = load_clip_folder(d.clips_dir, tuple(d.resolution), d.frames, progress=progress)
-    if len(clips) <= d.heldout_clips:
-        raise ValueError(f"{d.clips_dir}: {len(clips)} clips, need more than data.heldout_clips={d.heldout_clips}")
-    train_clips, held = clips[:-d.heldout_clips], clips[-d.heldout_clips:]
+    train_clips, held = split_heldout(clips, d.heldout_clips, d.clips_dir)
     x_eval = eval_batch(held, d.frames).to(cfg.run.device)
 
     model = VideoTokenizer(cfg.tokenizer, cfg.quantizer).to(cfg.run.device)

@@ -1,6 +1,6 @@
 """Where bytes are written. Every write that others read is atomic: a temp name in the same folder, then rename.
 
-The object-storage (s3://) side of this interface comes with the data pipeline; local paths are the default.
+Object storage (s3://) writes are in `data_pipeline.object_store`; this module is for local files.
 """
 
 from __future__ import annotations

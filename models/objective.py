@@ -21,25 +21,42 @@ from models.attention_mask import block_causal_mask, frame_visibility
 from models.layout import SequenceLayout
 from models.quantizer import MultiScaleBitwiseQuantizer
 from models.sequence_inputs import sequence_targets, teacher_forcing_features
-from trainer.curriculum import StageConfig
+from common.train_config import SCALE_LOSS_WEIGHTS, StageConfig
 
 
 @dataclass
 class MicroBatch:
+    """What an engine (parallel/engine.py) runs: `model(*model_args())`, or `stage_args()` into the first pipeline
+    stage; `static` is the token layout."""
+
     features: torch.Tensor  # (B, L_video, d) teacher-forcing inputs
     targets: torch.Tensor  # (B, L_video, d) bool labels
     cond: torch.Tensor  # text states (B, P, D) or class ids (B,)
     drop: torch.Tensor  # (B,) bool: condition replaced by the null prefix
     mask: torch.Tensor | None  # (B, L, L) bool with the Random Frame Mask, None = the layout's block-causal mask
     flip_ratio: torch.Tensor  # (B,) mean drawn flip ratio per sample
+    layout: SequenceLayout | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
 
+    @property
+    def static(self) -> SequenceLayout:
+        return self.layout
+
+    def model_args(self) -> tuple:
+        return self.cond, self.features, self.layout, self.mask, self.drop
+
+    def stage_args(self) -> tuple[torch.Tensor, ...]:
+        """Tensors only, batch first (pipeline stages pass tensors): the default mask made explicit."""
+        mask = self.mask if self.mask is not None else block_causal_mask(self.layout).expand(len(self), -1, -1)
+        return self.features, self.cond, self.drop.float(), mask.float()
+
     def split(self, size: int) -> list["MicroBatch"]:
         n = len(self)
         return [MicroBatch(*(None if x is None else x[i:i + size] for x in (
-            self.features, self.targets, self.cond, self.drop, self.mask, self.flip_ratio))) for i in range(0, n, size)]
+            self.features, self.targets, self.cond, self.drop, self.mask, self.flip_ratio)), layout=self.layout)
+            for i in range(0, n, size)]
 
 
 def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
@@ -68,10 +85,7 @@ def prepare_batch(quantizer: MultiScaleBitwiseQuantizer, layout: SequenceLayout,
     per_scale = lambda xs: [torch.cat([x[k] for x in xs]) for k in range(quantizer.num_scales)]  # noqa: E731
     mask = block_causal_mask(layout, torch.cat(vis)) if vis else None
     return MicroBatch(teacher_forcing_features(quantizer, per_scale(inputs)), sequence_targets(per_scale(labels)),
-                      cond, torch.cat(drop), mask, torch.stack(ratios).float())
-
-
-SCALE_LOSS_WEIGHTS = ("none", "sqrt_area")
+                      cond, torch.cat(drop), mask, torch.stack(ratios).float(), layout)
 
 
 @lru_cache(maxsize=32)  # one per curriculum stage shape; read-only
@@ -102,12 +116,25 @@ def bit_loss(logits: torch.Tensor, targets: torch.Tensor, token_weights: torch.T
     return loss, per_bit.detach().mean(2).sum(0), correct.sum((0, 2))
 
 
-def poison_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
-    """`loss` for backward, times NaN when it is not finite. A loss can be inf while its gradients are finite (an
-    inf constant term); NaN gradients make every engine skip the step by its non-finite gradient-norm rule, on every
-    rank (the gradient reductions carry the NaN), with no host sync. Times 1.0 otherwise: gradients bit-identical."""
-    scale = torch.ones_like(loss).masked_fill(~torch.isfinite(loss.detach()), float("nan"))
-    return loss * scale
+@dataclass(frozen=True)
+class BitObjective:
+    """The engines' objective (parallel/engine.py `Objective`): the bitwise loss of a micro-batch's logits and,
+    as statistics, per-token sums of the bit loss and of the correct bits (2 x video tokens)."""
+
+    tokens: int  # video tokens per sample
+    token_weights: torch.Tensor | None = None  # `scale_loss_weights`; None = a plain mean
+
+    @property
+    def stats_size(self) -> int:
+        return 2 * self.tokens
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, token_loss, token_correct = bit_loss(logits, targets.bool(), self.token_weights)
+        return loss, torch.cat([token_loss, token_correct])
+
+    def split_stats(self, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token loss sums, token correct sums)."""
+        return stats[:self.tokens], stats[self.tokens:]
 
 
 def breakdown(token_loss: torch.Tensor, token_correct: torch.Tensor, samples: int, latent_dim: int,

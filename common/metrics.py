@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.storage import atomic_write_text
+from common.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 ENDPOINT_FILE = "metrics_endpoint"

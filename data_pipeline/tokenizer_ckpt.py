@@ -12,9 +12,9 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from data_pipeline.storage import atomic_write_bytes, atomic_write_text
+from common.atomic import atomic_write_bytes, atomic_write_text
 from models.tokenizer import VideoTokenizer
-from trainer.config import Config, config_from_dict, config_to_dict
+from common.config import Config, config_from_dict, config_to_dict
 
 FORMAT = "videoar-tokenizer"
 FORMAT_VERSION = 1

@@ -1,4 +1,4 @@
-"""The one config system: typed dataclasses <- YAML preset <- `key.sub=value` CLI overrides (OmegaConf).
+"""The one config system, shared by every entry point: typed dataclasses <- YAML preset <- `key.sub=value` CLI overrides (OmegaConf).
 
 Every entry point builds its parser with `config_arg_parser` and gets a validated `Config` from
 `config_from_args`; the resolved config is written into the run directory with `save_config`. Each section
@@ -19,17 +19,11 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.storage import atomic_write_text
-from data_pipeline.config import PreprocessConfig
-from jobs.config import SlurmConfig
-from models.quantizer import QuantizerConfig
-from models.sampler import SamplingConfig
-from models.tokenizer import TokenizerConfig
-from models.validation import ConfigError, check, check_choice
-from models.videoar import PRESET_SIZES, VideoARConfig
-from parallel.config import ParallelConfig
-from trainer.curriculum import Curriculum, StageConfig
-from trainer.objective import SCALE_LOSS_WEIGHTS
+from common.atomic import atomic_write_text
+from common.job_config import ParallelConfig, PreprocessConfig, SlurmConfig
+from common.model_config import PRESET_SIZES, QuantizerConfig, SamplingConfig, TokenizerConfig, VideoARConfig
+from common.train_config import StageConfig, TokenizerTrainConfig, VideoARTrainConfig, check_stage_order
+from common.validation import ConfigError, check, check_choice
 
 
 @dataclass
@@ -76,73 +70,6 @@ class DataConfig:
 
 
 @dataclass
-class TokenizerTrainConfig:
-    steps: int = 200
-    batch_size: int = 4
-    lr: float = 1e-3
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    l1_weight: float = 1.0
-    l2_weight: float = 1.0
-    commit_weight: float = 0.25
-    entropy_weight: float = 0.01
-    log_every: int = 10
-    eval_every: int = 100
-    ckpt_every: int = 100
-
-    def __post_init__(self) -> None:
-        p = "tokenizer_train"
-        for name in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every"):
-            check(getattr(self, name) >= 1, f"{p}.{name}", f"must be >= 1, got {getattr(self, name)}")
-        check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
-        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas",
-              f"must be two numbers in [0, 1), got {list(self.betas)}")
-        check(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0 (0 disables)")
-
-
-@dataclass
-class VideoARTrainConfig:
-    tokenizer_ckpt: str = "runs/demo/tokenizer/checkpoint"  # frozen tokenizer that pre-encodes the clips
-    steps: int = 200  # only without a `curriculum`: one stage at data.resolution / data.frames / quantizer.scales
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the curriculum's last step
-    warmup_steps: int = 20
-    weight_decay: float = 0.05  # none on norms, biases, embeddings
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
-    flip_p_min: float = 0.0  # CFEC p_min (DESIGN §3.6); p_max comes from the curriculum
-    flip_delta: float = 0.01  # CFEC per-frame increase of the flip-ratio bounds
-    scale_loss_weight: str = "none"  # none | sqrt_area: coarse-scale tokens weigh sqrt(H*W / (h_k*w_k)) (Infinity)
-    log_every: int = 10
-    ckpt_every: int = 100  # also at every stage switch and at the end
-    keep_last: int = 3  # committed checkpoints kept
-    resume: bool = True  # continue from the newest committed checkpoint in <run.dir>/videoar/checkpoints
-    async_save: bool = False  # periodic checkpoints written by a background thread (ZeRO-0 engine only)
-    max_nonfinite_steps: int = 5  # a step with non-finite gradients is skipped; this many in a row stop the run
-    sample_ledger: bool = False  # each rank appends the sample keys of every step to samples/rank-XXXXX.jsonl
-    eval_every: int = 0  # held-out bit loss/accuracy every this many steps and at the end (trainer/evaluate.py); 0 = off
-    eval_samples: int = 0  # at most this many held-out samples per evaluation; 0 = all
-
-    def __post_init__(self) -> None:
-        p = "videoar_train"
-        for name in ("steps", "log_every", "ckpt_every", "keep_last", "max_nonfinite_steps"):
-            check(getattr(self, name) >= 1, f"{p}.{name}", f"must be >= 1, got {getattr(self, name)}")
-        check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, f"{p}.lr/min_lr_ratio", "need lr > 0, ratio in [0, 1]")
-        check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
-        check(self.eval_every >= 0 and self.eval_samples >= 0, f"{p}.eval_every/eval_samples", "must be >= 0")
-        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas",
-              f"must be two numbers in [0, 1), got {list(self.betas)}")
-        check(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0 (0 disables)")
-        check_choice(f"{p}.precision", self.precision, ("fp32", "bf16"))
-        check_choice(f"{p}.scale_loss_weight", self.scale_loss_weight, SCALE_LOSS_WEIGHTS)
-        check(0 <= self.flip_p_min <= 1 and self.flip_delta >= 0, f"{p}.flip_p_min/flip_delta",
-              "need p_min in [0, 1] and delta >= 0")
-
-
-@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -172,7 +99,7 @@ class Config:
             self.curriculum = [StageConfig(name="main", until_step=self.videoar_train.steps,
                                            resolution=list(self.data.resolution), frames=self.data.frames,
                                            scales=list(self.quantizer.scales), scales_w=self.quantizer.scales_w)]
-        Curriculum(self.curriculum)  # stage order
+        check_stage_order(self.curriculum)
         for s in self.curriculum:
             p = f"curriculum[{s.name}]"
             sh, sw = s.resolution
@@ -244,7 +171,7 @@ def config_arg_parser(description: str, default_config: str | None = "configs/de
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Overrides are OmegaConf dotlist entries, e.g. tokenizer_train.steps=20 data.resolution=[32,32].\n"
-               f"Config keys (see trainer/config.py for meanings and defaults):\n{keys}")
+               f"Config keys (see common/*config.py for meanings and defaults):\n{keys}")
     parser.add_argument("--config", default=default_config, help=f"YAML preset (default: {default_config})")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser

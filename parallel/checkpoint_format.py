@@ -1,13 +1,18 @@
-"""Training checkpoints (DESIGN §6): `step-00001234/` with one shard per rank and `metadata.json` written last.
+"""The training-checkpoint format, all of it (DESIGN §6): names, shards, metadata, commit, verified reads, the
+layout-free slices that let any ZeRO-0 layout resume any other, and consolidation into one file. *When* to save
+is the trainer's checkpoint manager (trainer/checkpointing.py); what an engine puts in a shard is the engine's.
+
+`step-00001234/` holds one shard per rank (`rank-00003.pt`) and `metadata.json`, written last.
 
 A step directory is built under a temporary name, each rank fsyncs and hashes its own shard, `metadata.json`
 (format, step, sha256 per shard, config) is the commit marker, then the directory is renamed into place and `latest` is
 updated. Resume picks the newest committed step, verifies every checksum and falls back to the previous step
 when one is corrupted. Shards are loaded with `torch.load(weights_only=True)`: no pickled code runs.
 
-Async save (`AsyncSaver`): the state is copied to CPU memory (the only stall), and a background thread writes
-the shard; in a multi-rank job rank 0's thread waits until every rank's shard exists under its final name (each
-is renamed into place only after fsync) and then commits. One save is in flight at a time.
+Layout-free slices: every rank saves its model and AdamW state *by parameter name* (the dense model's names,
+tensor-parallel shards as slices along the plan's `tp_split`, saved in the metadata), so any other dp x pp x tp
+layout can rebuild its own slices. Under layout (tp, pp, dp) the ranks with dp_rank 0 together hold every
+parameter once; rank order is megatron-core's: rank = tp_rank + tp * (dp_rank + dp * pp_rank).
 """
 
 from __future__ import annotations
@@ -25,12 +30,27 @@ from typing import Any, Callable
 
 import torch
 
-from data_pipeline.storage import atomic_write_bytes, atomic_write_text
+from safetensors import safe_open
+from safetensors.torch import save
+
+from common.atomic import atomic_write_bytes, atomic_write_text
+from common.parallel_plan import tp_split_dim
 
 log = logging.getLogger(__name__)
 FORMAT, FORMAT_VERSION = "videoar-checkpoint", 2
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 DIGEST_SUFFIX = ".sha256"  # a rank's digest of its shard, beside it until the commit
+SINGLE = {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 0}  # the parallel layout of one process
+MOMENTS = ("exp_avg", "exp_avg_sq")  # optimizer state split like its parameter
+CONSOLIDATED, CONSOLIDATED_VERSION = "videoar-model", "1"
+
+
+def shard_name(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+def shard_rank(name: str) -> int:
+    return int(name.removeprefix("rank-").removesuffix(".pt"))
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -45,7 +65,7 @@ def begin_checkpoint(root: str | Path, step: int) -> Path:
     return tmp
 
 
-def write_shard(tmp: Path, name: str, state: dict[str, Any]) -> str:
+def write_rank_shard(tmp: Path, name: str, state: dict[str, Any]) -> str:
     """One shard (e.g. `rank-00003.pt`), fsynced; every rank writes its own, in parallel, and hashes it while
     the bytes go to disk. The digest goes to `<name>.sha256` after the shard is durable, so its presence means
     the shard is complete, and the commit need not read the shard back. Returns the digest."""
@@ -101,7 +121,7 @@ def save_checkpoint(root: str | Path, step: int, shards: dict[str, dict[str, Any
     """Write `shards` (file name -> state) as one committed step from a single process."""
     tmp = begin_checkpoint(root, step)
     for name, state in shards.items():
-        write_shard(tmp, name, state)
+        write_rank_shard(tmp, name, state)
     return commit_checkpoint(root, step, tmp, meta, keep_last)
 
 
@@ -191,37 +211,114 @@ def wait_for_shards(tmp: Path, names: list[str], timeout_s: float) -> None:
         time.sleep(0.02)
 
 
-class AsyncSaver:
-    """Runs one checkpoint write at a time in a background thread; `wait()` joins it and re-raises its error."""
 
-    def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-        self._result: Any = None
-        self._error: BaseException | None = None
 
-    def submit(self, fn: Callable[[], Any]) -> None:
-        self.wait()
+def resolve_step_dir(ckpt: str | Path, step: int | None = None) -> Path:
+    """A step directory itself, or the newest (or `step`) committed step under a checkpoints root."""
+    ckpt = Path(ckpt)
+    if (ckpt / "metadata.json").is_file():
+        return ckpt
+    steps = committed_steps(ckpt)
+    if not steps:
+        raise FileNotFoundError(f"{ckpt}: no committed checkpoint (step-XXXXXXXX/metadata.json) found")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"{ckpt}: no committed step {step}; committed: {steps}")
+    return step_dir(ckpt, step if step is not None else steps[-1])
 
-        def run() -> None:
-            try:
-                self._result = fn()
-            except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by wait()
-                self._error = e
 
-        self._thread = threading.Thread(target=run, name="checkpoint-writer", daemon=True)
-        self._thread.start()
+def layout_mismatch(directory: Path, saved: dict, layout: dict) -> ValueError:
+    return ValueError(
+        f"{directory}: saved with layout {saved}, this run is {layout}. DeepSpeed ZeRO partitions the optimizer "
+        "state over the data-parallel ranks and cannot be resharded here; resume with the same parallel.tp/pp/"
+        "zero_stage and world size (or consolidate the weights with `python -m parallel.consolidate` and start a "
+        "new run)")
 
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
-    def wait(self) -> Any:
-        """The finished save's result (e.g. the committed path; None on ranks that do not commit)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"asynchronous checkpoint save failed: {error}") from error
-        result, self._result = self._result, None
-        return result
+# -- layout-free slices ----------------------------------------------------------------------------------------
+def rank_of(tp_rank: int, dp_rank: int, pp_rank: int, layout: dict[str, int]) -> int:
+    return tp_rank + layout["tp"] * (dp_rank + layout["dp"] * pp_rank)
+
+
+def source_ranks(layout: dict[str, int]) -> list[list[int]]:
+    """Ranks whose shards hold the whole model once, grouped by pipeline stage, tensor-parallel rank order."""
+    return [[rank_of(t, 0, p, layout) for t in range(layout["tp"])] for p in range(layout["pp"])]
+
+
+def model_shards(meta: dict) -> set[str]:
+    """The shards that hold every parameter once under the layout that saved `meta` (none for DeepSpeed ZeRO,
+    whose states live in its own files)."""
+    layout = meta.get("layout", SINGLE)
+    if layout["zero_stage"]:
+        return set()
+    return {shard_name(r) for stage in source_ranks(layout) for r in stage}
+
+
+def assemble(shards: dict[int, dict[str, Any]], layout: dict[str, int], split: dict[str, int]
+             ) -> tuple[dict, dict]:
+    """Full (model, optimizer-by-name) state from the shards of `source_ranks(layout)`."""
+    model, optim = {}, {}
+    for stage in source_ranks(layout):
+        parts = [shards[r] for r in stage]
+        for name in parts[0]["model"]:
+            model[name] = _cat([p["model"][name] for p in parts], tp_split_dim(name, split))
+        for name, st in parts[0]["optim"].items():
+            optim[name] = {k: (_cat([p["optim"][name][k] for p in parts], tp_split_dim(name, split))
+                               if k in MOMENTS else v) for k, v in st.items()}
+    return model, optim
+
+
+def local_slice(name: str, full: torch.Tensor, tp: int, tp_rank: int, split: dict[str, int]) -> torch.Tensor:
+    dim = tp_split_dim(name, split)
+    if dim is None or tp == 1:
+        return full
+    if full.shape[dim] % tp:
+        raise ValueError(f"{name}: size {full.shape[dim]} along dim {dim} cannot be split over tp={tp}")
+    return full.chunk(tp, dim)[tp_rank].clone()
+
+
+def _cat(pieces: list[torch.Tensor], dim: int | None) -> torch.Tensor:
+    return pieces[0] if dim is None or len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+# -- consolidation ---------------------------------------------------------------------------------------------
+def full_model_state(directory: str | Path, split: dict[str, int] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, dense model state) of one committed step directory, whatever layout saved it. `split` is the
+    model's `tp_split` for checkpoints that predate its record in the metadata."""
+    directory = Path(directory)
+    meta, shards = read_checkpoint(directory, wanted=model_shards)  # verifies every file's checksum
+    layout = meta.get("layout", SINGLE)
+    if layout["zero_stage"] == 0:
+        split = meta.get("tp_split", split)
+        if split is None and layout["tp"] > 1:
+            raise ValueError(f"{directory}: a tp={layout['tp']} checkpoint without `tp_split` in its metadata; "
+                             "resume it once with the trainer (its next checkpoint records it)")
+        model, _ = assemble({shard_rank(n): s for n, s in shards.items()}, layout, split or {})
+        return meta, model
+    if layout["tp"] != 1:
+        raise ValueError(f"{directory}: consolidating a DeepSpeed ZeRO-{layout['zero_stage']} checkpoint with tp="
+                         f"{layout['tp']} is not supported; train with zero_stage=0 to get layout-free shards")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return meta, dict(get_fp32_state_dict_from_zero_checkpoint(str(directory / "deepspeed"), tag="state"))
+
+
+def write_consolidated(meta: dict, model: dict[str, torch.Tensor], out: str | Path) -> Path:
+    info = {"format": CONSOLIDATED, "format_version": CONSOLIDATED_VERSION, "step": str(meta["step"]),
+            "config": json.dumps(meta["config"], sort_keys=True)}
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.items()}
+    atomic_write_bytes(out, save(tensors, metadata=info))
+    return Path(out)
+
+
+def read_consolidated(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], int]:
+    """(config dict, weights, step) of a consolidated file; validates the format."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = f.metadata() or {}
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear error
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    if info.get("format") != CONSOLIDATED or info.get("format_version") != CONSOLIDATED_VERSION:
+        raise ValueError(f"{path}: expected {CONSOLIDATED} v{CONSOLIDATED_VERSION}, found {info.get('format')} "
+                         f"v{info.get('format_version')}")
+    return json.loads(info["config"]), weights, int(info["step"])

@@ -1,0 +1,128 @@
+"""Training sections of the shared config: tokenizer and VideoAR training, and the curriculum's stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.validation import ConfigError, check, check_choice
+
+SCALE_LOSS_WEIGHTS = ("none", "sqrt_area")  # videoar_train.scale_loss_weight (models/objective.py)
+
+
+@dataclass
+class StageConfig:
+    name: str = "main"
+    until_step: int = 200  # the stage covers global steps [previous stage's until_step, until_step)
+    resolution: list[int] = field(default_factory=lambda: [64, 64])  # [height, width] of the clips
+    frames: int = 9  # video frames per clip: 1 + k * tokenizer.temporal_compression
+    scales: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # scale schedule; last = latent grid rows
+    scales_w: list[int] | None = None  # per-axis columns for non-square grids
+    global_batch: int = 4  # samples per optimizer step
+    micro_batch: int = 4  # samples per forward/backward (global_batch / micro_batch accumulation steps)
+    flip_start: float = 0.0  # Cross-Frame Error Correction p_max at the stage's first step ...
+    flip_end: float = 0.0  # ... ramped linearly to this at its last step; 0 and 0 = plain teacher forcing
+    p_mask: float = 0.0  # Random Frame Mask drop probability of each history frame (training only)
+    window: int = 0  # history frames visible to a frame (0 = all)
+
+    def __post_init__(self) -> None:
+        p = f"curriculum[{self.name}]"
+        check(self.until_step >= 1, f"{p}.until_step", f"must be >= 1, got {self.until_step}")
+        check(len(self.resolution) == 2, f"{p}.resolution", f"must be [height, width], got {list(self.resolution)}")
+        check(self.frames >= 1, f"{p}.frames", f"must be >= 1, got {self.frames}")
+        check(len(self.scales) >= 1 and list(self.scales) == sorted(self.scales), f"{p}.scales",
+              f"must be a non-decreasing list, got {list(self.scales)}")
+        if self.scales_w is not None:
+            check(len(self.scales_w) == len(self.scales), f"{p}.scales_w", "must have as many entries as scales")
+        check(self.global_batch >= 1 and self.micro_batch >= 1 and self.global_batch % self.micro_batch == 0,
+              f"{p}.global_batch", f"must be a positive multiple of micro_batch ({self.micro_batch}), "
+              f"got {self.global_batch}")
+        for name in ("flip_start", "flip_end"):
+            v = getattr(self, name)
+            check(0.0 <= v <= 1.0, f"{p}.{name}", f"must be in [0, 1], got {v}")
+        check(0.0 <= self.p_mask < 1.0, f"{p}.p_mask", f"must be in [0, 1), got {self.p_mask}")
+        check(self.window >= 0, f"{p}.window", f"must be >= 0, got {self.window}")
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        cols = self.scales if self.scales_w is None else self.scales_w
+        return [(int(h), int(w)) for h, w in zip(self.scales, cols)]
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch // self.micro_batch
+
+
+@dataclass
+class TokenizerTrainConfig:
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    commit_weight: float = 0.25
+    entropy_weight: float = 0.01
+    log_every: int = 10
+    eval_every: int = 100
+    ckpt_every: int = 100
+
+    def __post_init__(self) -> None:
+        p = "tokenizer_train"
+        for name in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every"):
+            check(getattr(self, name) >= 1, f"{p}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas",
+              f"must be two numbers in [0, 1), got {list(self.betas)}")
+        check(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0 (0 disables)")
+
+
+@dataclass
+class VideoARTrainConfig:
+    tokenizer_ckpt: str = "runs/demo/tokenizer/checkpoint"  # frozen tokenizer that pre-encodes the clips
+    steps: int = 200  # only without a `curriculum`: one stage at data.resolution / data.frames / quantizer.scales
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the curriculum's last step
+    warmup_steps: int = 20
+    weight_decay: float = 0.05  # none on norms, biases, embeddings
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    flip_p_min: float = 0.0  # CFEC p_min (DESIGN §3.6); p_max comes from the curriculum
+    flip_delta: float = 0.01  # CFEC per-frame increase of the flip-ratio bounds
+    scale_loss_weight: str = "none"  # none | sqrt_area: coarse-scale tokens weigh sqrt(H*W / (h_k*w_k)) (Infinity)
+    log_every: int = 10
+    ckpt_every: int = 100  # also at every stage switch and at the end
+    keep_last: int = 3  # committed checkpoints kept
+    resume: bool = True  # continue from the newest committed checkpoint in <run.dir>/videoar/checkpoints
+    async_save: bool = False  # periodic checkpoints written by a background thread (ZeRO-0 engine only)
+    max_nonfinite_steps: int = 5  # a step with non-finite gradients is skipped; this many in a row stop the run
+    sample_ledger: bool = False  # each rank appends the sample keys of every step to samples/rank-XXXXX.jsonl
+    eval_every: int = 0  # held-out bit loss/accuracy every this many steps and at the end (trainer/evaluate.py); 0 = off
+    eval_samples: int = 0  # at most this many held-out samples per evaluation; 0 = all
+
+    def __post_init__(self) -> None:
+        p = "videoar_train"
+        for name in ("steps", "log_every", "ckpt_every", "keep_last", "max_nonfinite_steps"):
+            check(getattr(self, name) >= 1, f"{p}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, f"{p}.lr/min_lr_ratio", "need lr > 0, ratio in [0, 1]")
+        check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
+        check(self.eval_every >= 0 and self.eval_samples >= 0, f"{p}.eval_every/eval_samples", "must be >= 0")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas",
+              f"must be two numbers in [0, 1), got {list(self.betas)}")
+        check(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0 (0 disables)")
+        check_choice(f"{p}.precision", self.precision, ("fp32", "bf16"))
+        check_choice(f"{p}.scale_loss_weight", self.scale_loss_weight, SCALE_LOSS_WEIGHTS)
+        check(0 <= self.flip_p_min <= 1 and self.flip_delta >= 0, f"{p}.flip_p_min/flip_delta",
+              "need p_min in [0, 1] and delta >= 0")
+
+
+def check_stage_order(stages: list[StageConfig]) -> None:
+    """At least one stage, with strictly increasing `until_step`."""
+    if not stages:
+        raise ConfigError("curriculum: needs at least one stage")
+    ends = [s.until_step for s in stages]
+    if ends != sorted(set(ends)):
+        raise ConfigError(f"curriculum: until_step must strictly increase across stages, got {ends}")

@@ -1,0 +1,136 @@
+"""The DeepSpeed ZeRO 1/2/3 engine (pp = 1, any tp) behind the `Engine` interface of parallel/engine.py:
+`deepspeed.initialize` with a config built from our YAML (there is no separate DeepSpeed JSON); the curriculum's
+batch sizes are pushed with its public setters. Checkpoints are DeepSpeed's own (`<step>/deepspeed/`), so they
+resume on the same layout only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.job_config import ParallelConfig
+from common.parallel_plan import ParallelPlan
+from parallel import checkpoint_format as fmt
+from parallel.engine import Objective, clean_name, optimizer_and_schedule, poison_if_nonfinite, run_micro_batches
+from parallel.topology import Topology
+
+
+class MegatronMPU:
+    """The `mpu` interface DeepSpeed asks for, answered by megatron-core's parallel_state (tensor parallel =
+    DeepSpeed's "model parallel")."""
+
+    def __getattr__(self, name: str):
+        from megatron.core import parallel_state as ps
+
+        mapping = {"get_model_parallel_rank": ps.get_tensor_model_parallel_rank,
+                   "get_model_parallel_world_size": ps.get_tensor_model_parallel_world_size,
+                   "get_model_parallel_group": ps.get_tensor_model_parallel_group}
+        if name in mapping:
+            return mapping[name]
+        return getattr(ps, name)
+
+
+def deepspeed_config(pcfg: ParallelConfig, tcfg, topo: Topology, global_batch: int, micro_batch: int,
+                     device: str, width: int) -> dict:
+    """The whole DeepSpeed config, from our YAML sections."""
+    return {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": global_batch // (micro_batch * topo.dp),
+        "gradient_clipping": float(tcfg.grad_clip),  # set explicitly: DeepSpeed's default is 1.0
+        # bucket sizes scaled to the model (DeepSpeed's defaults reserve up to 5e8 elements, 2 GB in fp32)
+        "zero_optimization": {"stage": pcfg.zero_stage, "reduce_bucket_size": width * width,
+                              "allgather_bucket_size": width * width,
+                              "stage3_prefetch_bucket_size": int(0.9 * width * width),
+                              "stage3_param_persistence_threshold": 10 * width},
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW as the client optimizer
+        "bf16": {"enabled": tcfg.precision == "bf16" and device == "cuda"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    supports_async_save = False
+
+    def __init__(self, model: nn.Module, plan: ParallelPlan, topo: Topology, pcfg: ParallelConfig, tcfg,
+                 total_steps: int, device: torch.device, global_batch: int, micro_batch: int):
+        import deepspeed
+        import deepspeed.ops
+
+        if device.type == "cpu":  # its shared-memory op compiles for ~40 s at first use and is not needed on CPU
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        self.topo, self.tcfg, self.device, self.model = topo, tcfg, device, model
+        opt, sched = optimizer_and_schedule(model, plan, tcfg, total_steps)
+        self.engine, self.opt, _, self.sched = deepspeed.initialize(
+            model=model, optimizer=opt, lr_scheduler=sched, mpu=MegatronMPU(),
+            config=deepspeed_config(pcfg, tcfg, topo, global_batch, micro_batch, device.type, plan.hidden_size))
+        self.module = self.engine.module
+        self.layout = {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "zero_stage": pcfg.zero_stage}
+
+    @property
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def set_batch(self, global_batch: int, micro_batch: int) -> None:
+        if (global_batch, micro_batch) != (self.engine.train_batch_size(), self.engine.train_micro_batch_size_per_gpu()):
+            self.engine.set_train_micro_batch_size(micro_batch)
+            self.engine.set_train_batch_size(global_batch)
+
+    def forward_backward(self, micro: list, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(micro) != self.engine.gradient_accumulation_steps():
+            raise RuntimeError(f"{len(micro)} micro-batches but DeepSpeed accumulates "
+                               f"{self.engine.gradient_accumulation_steps()}")
+        self.engine.train()
+        self._skipped_before = self.engine.skipped_steps
+
+        def backward(loss: torch.Tensor) -> None:
+            self.engine.backward(poison_if_nonfinite(loss))  # scaled by 1/accumulation inside
+            self.engine.step()  # updates only at the accumulation boundary
+
+        return run_micro_batches(lambda mb: self.engine(*mb.model_args()), micro, objective, backward)
+
+    def evaluate(self, micro: list, objective: Objective) -> torch.Tensor:
+        """Forward only (ZeRO-3 gathers the parameters as in training): statistic sums."""
+        self.engine.eval()
+        with torch.no_grad():
+            return run_micro_batches(lambda mb: self.engine(*mb.model_args()), micro, objective)[1]
+
+    def step(self) -> tuple[float, bool]:
+        """The update already happened at the accumulation boundary; DeepSpeed itself skips a step with a
+        non-finite gradient norm (and its LR schedule step) and counts it in `skipped_steps`."""
+        norm = self.engine.get_global_grad_norm()
+        applied = self.engine.skipped_steps == self._skipped_before
+        return (float(norm) if norm is not None else float("nan")), applied
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # DeepSpeed's own files, written by `save`
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state")
+
+    def shards_to_read(self, meta: dict) -> set[str]:
+        return set()
+
+    def load(self, directory: Path, meta: dict, shards: dict[str, dict]) -> None:
+        saved = meta.get("layout", fmt.SINGLE)
+        if saved != self.layout:
+            raise fmt.layout_mismatch(directory, saved, self.layout)
+        self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
+
+    def local_model_state(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters, complete even under ZeRO-3, dense names."""
+        params = list(self.module.parameters())
+        if self.engine.zero_optimization_stage() == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                return _dense_state(self.module)
+        return _dense_state(self.module)
+
+
+def _dense_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {clean_name(k): v.detach().clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}

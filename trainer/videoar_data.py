@@ -1,0 +1,58 @@
+"""Where the VideoAR trainer's samples come from, per curriculum stage: preprocessed shards (`data.shards`, local
+or S3) read through the streaming loader, or else the windows of `data.clips_dir` encoded once with the frozen
+tokenizer and cached in `<run.dir>/videoar/latents/`. The held-out split is `data_pipeline.clips.split_heldout`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from common.config import Config
+from common.train_config import StageConfig
+from data_pipeline.clips import load_clip_folder, split_heldout
+from data_pipeline.latent_set import cache_key, encode_latent_set, load_latent_set, save_latent_set
+from data_pipeline.loader import ShardSet
+from data_pipeline.tokenizer_ckpt import WEIGHTS, load_tokenizer
+from models.text_encoder import TextEncoder
+
+
+def out_dir(cfg: Config) -> Path:
+    return cfg.run_dir / "videoar"
+
+
+def load_frozen_tokenizer(cfg: Config):
+    tok, tok_cfg, _ = load_tokenizer(cfg.videoar_train.tokenizer_ckpt, cfg.run.device)
+    for section in ("tokenizer", "quantizer"):
+        if getattr(tok_cfg, section) != getattr(cfg, section):
+            raise ValueError(f"{cfg.videoar_train.tokenizer_ckpt}: its {section} config differs from this run's "
+                             f"{section} section; train VideoAR with the config the tokenizer was trained with")
+    return tok.requires_grad_(False)
+
+
+def stage_data(cfg: Config, tokenizer, stage: StageConfig, progress: bool, heldout: bool = False):
+    """The stage's training samples (a `ShardSet` or a `LatentSet`); with `heldout`, the evaluation samples:
+    data.eval_shards, or the windows of the last data.heldout_clips clips."""
+    v, d = cfg.videoar, cfg.data
+    if d.shards:
+        bucket = f"{stage.resolution[0]}x{stage.resolution[1]}x{stage.frames}"
+        return ShardSet(d.eval_shards if heldout else d.shards, bucket, d.endpoint_url or None, d.loader_workers)
+    clips_dir = Path(d.clips_dir)
+    listing = sorted((p.name, p.stat().st_size) for p in clips_dir.glob("*.mp4")) if clips_dir.is_dir() else []
+    weights = Path(cfg.videoar_train.tokenizer_ckpt) / WEIGHTS
+    key = cache_key(weights.stat().st_mtime_ns, weights.stat().st_size, listing, d.heldout_clips, stage.resolution,
+                    stage.frames, v.cond, v.text_encoder, v.text_len, v.num_classes)
+    name = f"{'heldout-' if heldout else ''}{stage.name}-{stage.resolution[0]}x{stage.resolution[1]}-f{stage.frames}"
+    path = out_dir(cfg) / "latents" / f"{name}.safetensors"
+    cached = load_latent_set(path, key)
+    if cached is not None:
+        return cached
+    clips = load_clip_folder(clips_dir, tuple(stage.resolution), stage.frames, progress=progress)
+    train, held = split_heldout(clips, d.heldout_clips, clips_dir)
+    encoder = None
+    if v.cond == "text":
+        encoder = TextEncoder(v.text_encoder, v.text_len, cfg.run.device)
+        if encoder.dim != v.text_dim:
+            raise ValueError(f"videoar.text_dim={v.text_dim} but {v.text_encoder} has width {encoder.dim}")
+    ds = encode_latent_set(tokenizer, held if heldout else train, stage.frames, v.cond, encoder, v.num_classes,
+                           progress=progress)
+    save_latent_set(ds, path, key)
+    return ds
