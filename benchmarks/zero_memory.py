@@ -59,10 +59,10 @@ def _measure(rank, world, zero, width, depth, out):
     from models.sequence_inputs import sequence_targets, teacher_forcing_features
     from models.videoar import VideoAR, VideoARConfig
     from common.job_config import ParallelConfig
-    from parallel.engine import DeepSpeedEngine, TorchEngine
+    from parallel.parallelize import parallelize
     from parallel.topology import init_topology
-    from common.config import VideoARTrainConfig
-    from models.objective import MicroBatch
+    from common.train_config import VideoARTrainConfig
+    from models.objective import BitObjective, MicroBatch
 
     pcfg = ParallelConfig(zero_stage=zero)
     topo = init_topology(pcfg)
@@ -70,13 +70,13 @@ def _measure(rank, world, zero, width, depth, out):
     model = VideoAR(VideoARConfig(preset="custom", depth=depth, width=width, heads=8, cond="class", num_classes=4), 16)
     tcfg = VideoARTrainConfig()
     device = torch.device("cpu")
-    engine = (DeepSpeedEngine(model, topo, pcfg, tcfg, 10, device, 4, 2) if zero else
-              TorchEngine(model, topo, pcfg, tcfg, 10, device))
+    engine = parallelize(model, model.parallel_plan(), topo, pcfg, tcfg, 10, device, 4, 2)
     q = MultiScaleBitwiseQuantizer(16, QuantizerConfig(scales=[1, 2, 4]))
     bits = [torch.rand(2, 2, 16, s, s) > 0.5 for s in (1, 2, 4)]
+    layout = model.layout_for(2, q.sizes)
     mb = MicroBatch(teacher_forcing_features(q, bits), sequence_targets(bits), torch.tensor([0, 1]),
-                    torch.zeros(2, dtype=torch.bool), None, torch.zeros(2))
-    engine.forward_backward([mb], model.layout_for(2, q.sizes))
+                    torch.zeros(2, dtype=torch.bool), None, torch.zeros(2), layout)
+    engine.forward_backward([mb], BitObjective(layout.length - layout.prefix_len))
     engine.step()
     params = [getattr(p, "ds_tensor", p) if zero == 3 else p for p in engine.module.parameters()]
     opt = engine.engine.optimizer if zero else engine.opt

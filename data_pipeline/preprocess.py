@@ -31,9 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
+from common.config import config_arg_parser, config_from_args
+from data_pipeline.clips import to_model_input
 from data_pipeline.object_store import Store, open_store
 from data_pipeline.preprocess_report import Meter, Summary
 from data_pipeline.shards import ShardRecord, sample_dict, write_tar_shard
+from data_pipeline.tokenizer_ckpt import WEIGHTS, load_tokenizer
+from data_pipeline.video_io import VideoDecodeError, probe_video, read_video
+from models.text_encoder import TextEncoder
 
 log = logging.getLogger("preprocess")
 VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
@@ -63,8 +68,6 @@ def input_id(key: str, size: int) -> str:
 
 
 def tokenizer_hash(ckpt: str | Path) -> str:
-    from data_pipeline.tokenizer_ckpt import WEIGHTS
-
     h = hashlib.sha256()
     with open(Path(ckpt) / WEIGHTS, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -90,8 +93,6 @@ def read_sidecar(store: Store, key: str) -> tuple[str, int | None]:
 def decode_input(in_url: str, endpoint: str | None, key: str, size: int, buckets: list[Bucket], stride: int,
                  max_clips: int) -> dict:
     """Probe, filter and cut one input into uint8 clips per bucket, or say why it is quarantined."""
-    from data_pipeline.video_io import VideoDecodeError, probe_video, read_video
-
     store = open_store(in_url, endpoint)
     if size == 0:
         return {"key": key, "quarantine": "empty file (0 bytes)"}
@@ -137,19 +138,14 @@ class Encoder:
     def __init__(self, tokenizer_ckpt: str, cond: str, text_encoder: str, text_len: int, threads: int):
         import torch
 
-        from data_pipeline.tokenizer_ckpt import load_tokenizer
-
         torch.set_num_threads(threads)
         self.tokenizer, _, _ = load_tokenizer(tokenizer_ckpt)
         self.text = None
         if cond == "text":
-            from models.text_encoder import TextEncoder
             self.text = TextEncoder(text_encoder, text_len)
 
     def encode(self, clips: list[np.ndarray], caption: str, batch_size: int) -> tuple[list[np.ndarray], np.ndarray | None]:
         import torch
-
-        from data_pipeline.clips import to_model_input
 
         latents = []
         with torch.no_grad():
@@ -211,20 +207,41 @@ def preprocess(cfg, progress: bool = True) -> Summary:
     return summary
 
 
+def _start_ray(ray, p) -> bool:
+    """A local Ray runtime (loopback only), or the configured cluster; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    # workers must import this project; a Ray Job that started us has already arranged that
+    inherited = os.environ.get("PYTHONPATH", "")
+    env = None if PROJECT_ROOT in inherited.split(os.pathsep) else \
+        {"env_vars": {"PYTHONPATH": os.pathsep.join(x for x in (PROJECT_ROOT, inherited) if x)}}
+    if p.ray_address:
+        ray.init(address=p.ray_address, runtime_env=env, log_to_driver=False)
+    else:
+        # scheduling slots, not cores: one per encoder actor plus room for the decode tasks
+        ray.init(address="local", num_cpus=p.workers + 2, _node_ip_address="127.0.0.1", include_dashboard=False,
+                 runtime_env=env, log_to_driver=False)
+    return True
+
+
+def _add_encoded(w: BucketWriter, state: dict, iid: str, key: str, starts: list[int], latents, text, res: dict,
+                 source: str, tok_hash: str) -> None:
+    """Buffer one input's encoded clips of one bucket as shard samples."""
+    for start, lat in zip(starts, latents):
+        b = w.bucket
+        meta = {"source": source, "start": start, "fps": res["fps"], "frames": b.frames, "height": b.height,
+                "width": b.width, "latent_shape": list(lat.shape), "tokenizer": tok_hash}
+        w.buffer.append(sample_dict(f"{iid}_{start:06d}", lat, res["caption"], meta, text, res["cls"]))
+        w.size += lat.nbytes + (text.nbytes if text is not None else 0) + 4096
+    w.inputs.add(iid)
+    state["encodes"] -= 1
+    state["buckets"].add(w.bucket.name)
+    state["clips"] += len(starts)
+
+
 def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint, meter: Meter) -> None:
     p, v = cfg.preprocess, cfg.videoar
-    started_here = not ray.is_initialized()
-    if started_here:
-        # workers must import this project; a Ray Job that started us has already arranged that
-        inherited = os.environ.get("PYTHONPATH", "")
-        env = None if PROJECT_ROOT in inherited.split(os.pathsep) else \
-            {"env_vars": {"PYTHONPATH": os.pathsep.join(x for x in (PROJECT_ROOT, inherited) if x)}}
-        if p.ray_address:
-            ray.init(address=p.ray_address, runtime_env=env, log_to_driver=False)
-        else:
-            # scheduling slots, not cores: one per encoder actor plus room for the decode tasks
-            ray.init(address="local", num_cpus=p.workers + 2, _node_ip_address="127.0.0.1", include_dashboard=False,
-                     runtime_env=env, log_to_driver=False)
+    started_here = _start_ray(ray, p)
     meter.started()
     decode = ray.remote(decode_input)
     actor_cls = ray.remote(num_cpus=1)(Encoder)
@@ -259,19 +276,7 @@ def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint
                 iid, key, bname, starts, res = pending_encode.pop(ref)
                 latents, text = ray.get(ref)
                 w = writers[bname]
-                for start, lat in zip(starts, latents):
-                    b = w.bucket
-                    meta = {"source": src.join(key), "start": start, "fps": res["fps"], "frames": b.frames,
-                            "height": b.height, "width": b.width, "latent_shape": list(lat.shape),
-                            "tokenizer": tok_hash}
-                    sample = sample_dict(f"{iid}_{start:06d}", lat, res["caption"], meta, text, res["cls"])
-                    w.buffer.append(sample)
-                    w.size += lat.nbytes + (text.nbytes if text is not None else 0) + 4096
-                w.inputs.add(iid)
-                state = waiting[iid]
-                state["encodes"] -= 1
-                state["buckets"].add(bname)
-                state["clips"] += len(starts)
+                _add_encoded(w, waiting[iid], iid, key, starts, latents, text, res, src.join(key), tok_hash)
                 if w.size >= p.shard_bytes:
                     _flush(out, w, waiting, tok_hash, summary)
                 for done_id in list(waiting):
@@ -343,8 +348,6 @@ def _write_manifest(out: Store, buckets: list[Bucket], tok_hash: str, summary: S
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common.config import config_arg_parser, config_from_args
-
     parser = config_arg_parser(__doc__.split("\n\n")[0])
     cfg = config_from_args(parser.parse_args(argv), parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

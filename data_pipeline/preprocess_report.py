@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from common.metrics import MetricSinks
+
 
 @dataclass
 class Summary:
@@ -31,8 +33,6 @@ class Meter:
     runtime was up (`startup_s` before it), so a short job's clips/s is not mostly Ray start-up."""
 
     def __init__(self, cfg, summary: Summary, t0: float, bar: bool, every_s: float = 2.0):
-        from common.metrics import MetricSinks
-
         self.summary, self.t0, self.every_s, self.last = summary, t0, every_s, float("-inf")
         self.work_t0 = t0
         self.done = summary.skipped

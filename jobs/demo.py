@@ -93,6 +93,34 @@ def _copy_clips(paths: list[Path], dst: Path) -> Path:
     return dst
 
 
+def _sample(cfg: Config, ckpts: Path, samples_dir: Path, prompts: list[str], first_held: Path):
+    """Text- (or class-) to-video samples of the held-out captions and one image-to-video continuation."""
+    if cfg.videoar.cond == "text":
+        t2v = sample_to_files(ckpts, samples_dir / "text-to-video", prompts=prompts, seed=cfg.run.seed)
+        i2v = sample_to_files(ckpts, samples_dir / "image-to-video", prompts=prompts[:1], init=first_held,
+                              init_frames=1, seed=cfg.run.seed)
+    else:
+        t2v = sample_to_files(ckpts, samples_dir / "class-to-video", class_ids=[0, 1], seed=cfg.run.seed)
+        i2v = sample_to_files(ckpts, samples_dir / "image-to-video", class_ids=[0], init=first_held,
+                              seed=cfg.run.seed)
+    return t2v, i2v
+
+
+def _summaries(records: list[dict]) -> tuple[str, str]:
+    """(the last held-out evaluations, throughput per stage) as summary lines."""
+    evals = [r for r in records if "eval/loss" in r]
+    heldout = "; ".join(f"step {r['step']}: bit loss {r['eval/loss']:.3f}, bit accuracy {r['eval/bit_acc']:.3f}"
+                        for r in evals[-2:]) or "-"
+    by_stage: dict[str, list[dict]] = {}
+    for r in records:
+        by_stage.setdefault(r["stage"], []).append(r)
+    mean = lambda rs, k: sum(r.get(k, 0.0) for r in rs) / len(rs)  # noqa: E731
+    throughput = "; ".join(f"{name}: {mean(rs, 'tokens_per_s_per_device'):.0f} tokens/s/process, "
+                           f"{mean(rs, 'step_time_s'):.2f} s/step, MFU {100 * mean(rs, 'mfu'):.1f}%, data wait "
+                           f"{100 * mean(rs, 'data_wait_frac'):.1f}%" for name, rs in by_stage.items())
+    return heldout, throughput
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = config_arg_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--preempt-at", type=int, default=100, help="simulate a preemption after this step (0: no)")
@@ -134,23 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     samples_dir = cfg.run_dir / "samples"
     print(f"[5/5] sampling {len(prompts)} held-out captions + 1 image-to-video -> {samples_dir}", flush=True)
     ckpts = out_dir(train_cfg) / "checkpoints"
-    if train_cfg.videoar.cond == "text":
-        t2v = sample_to_files(ckpts, samples_dir / "text-to-video", prompts=prompts, seed=cfg.run.seed)
-        i2v = sample_to_files(ckpts, samples_dir / "image-to-video", prompts=prompts[:1], init=held[0], init_frames=1,
-                              seed=cfg.run.seed)
-    else:
-        t2v = sample_to_files(ckpts, samples_dir / "class-to-video", class_ids=[0, 1], seed=cfg.run.seed)
-        i2v = sample_to_files(ckpts, samples_dir / "image-to-video", class_ids=[0], init=held[0], seed=cfg.run.seed)
-    evals = [r for r in records if "eval/loss" in r]
-    heldout = "; ".join(f"step {r['step']}: bit loss {r['eval/loss']:.3f}, bit accuracy {r['eval/bit_acc']:.3f}"
-                        for r in evals[-2:]) or "-"
-    by_stage: dict[str, list[dict]] = {}
-    for r in records:
-        by_stage.setdefault(r["stage"], []).append(r)
-    mean = lambda rs, k: sum(r.get(k, 0.0) for r in rs) / len(rs)  # noqa: E731
-    throughput = "; ".join(f"{name}: {mean(rs, 'tokens_per_s_per_device'):.0f} tokens/s/process, "
-                           f"{mean(rs, 'step_time_s'):.2f} s/step, MFU {100 * mean(rs, 'mfu'):.1f}%, data wait "
-                           f"{100 * mean(rs, 'data_wait_frac'):.1f}%" for name, rs in by_stage.items())
+    t2v, i2v = _sample(train_cfg, ckpts, samples_dir, prompts, held[0])
+    heldout, throughput = _summaries(records)
     print(f"\nDone in {time.time() - t0:.0f} s.\n"
           f"  tokenizer held-out PSNR: {tok.psnr_start:.2f} dB at step 0 -> {tok.psnr_end:.2f} dB ({tok.recon_png})\n"
           f"  shards:                  {shards}/manifest.json ({pre.clips or 'all'} clips, "

@@ -13,11 +13,10 @@ from __future__ import annotations
 import sys
 
 from common.config import config_arg_parser, config_from_args, config_from_dict, config_to_dict
+from trainer.train_videoar import VideoARTrainer
 
 
 def _train_loop(config: dict) -> None:
-    from trainer.train_videoar import VideoARTrainer
-
     cfg = config_from_dict(config["cfg"])
     run = VideoARTrainer(cfg, progress=False).train()
     print(f"ray train worker done: step {run.step}, resumed from {run.start_step}", flush=True)

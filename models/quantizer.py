@@ -14,7 +14,7 @@ shorter prefix; the gains are part of the decoder, so tokens stay pure bits.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

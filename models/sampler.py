@@ -14,7 +14,7 @@ import torch
 from models.quantizer import MultiScaleBitwiseQuantizer
 from models.sequence_inputs import block_input, tokens_to_grid
 from models.videoar import VideoAR
-from common.model_config import CFG_SCHEDULES, SamplingConfig  # noqa: F401 (the sampler's config)
+from common.model_config import CFG_SCHEDULES, SamplingConfig
 
 
 def cfg_gamma(schedule: str, scale: float, t: int, k: int, num_frames: int, num_scales: int) -> float:

@@ -6,15 +6,14 @@ compressed by f. Pixel values are floats in [-1, 1], layout (B, 3, T, H, W).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.causal_conv import CausalConv3d, Downsample3d, ResBlock3d, StreamCache, Upsample3d, norm
-from models.quantizer import MultiScaleBitwiseQuantizer, QuantizerConfig, QuantizerOutput  # noqa: F401
+from models.quantizer import MultiScaleBitwiseQuantizer, QuantizerConfig, QuantizerOutput
 from common.model_config import TokenizerConfig
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from models.attention_mask import block_causal_mask
 from models.layout import Block, SequenceLayout
 from models.rope import apply_rope, rope_angles
-from common.model_config import PRESET_SIZES, PRESETS, VideoARConfig  # noqa: F401 (the model's config)
+from common.model_config import VideoARConfig
 from common.parallel_plan import ParallelPlan
 
 

@@ -35,6 +35,7 @@ from safetensors.torch import save
 
 from common.atomic import atomic_write_bytes, atomic_write_text
 from common.parallel_plan import tp_split_dim
+from parallel.topology import rank_of
 
 log = logging.getLogger(__name__)
 FORMAT, FORMAT_VERSION = "videoar-checkpoint", 2
@@ -235,10 +236,6 @@ def layout_mismatch(directory: Path, saved: dict, layout: dict) -> ValueError:
 
 
 # -- layout-free slices ----------------------------------------------------------------------------------------
-def rank_of(tp_rank: int, dp_rank: int, pp_rank: int, layout: dict[str, int]) -> int:
-    return tp_rank + layout["tp"] * (dp_rank + layout["dp"] * pp_rank)
-
-
 def source_ranks(layout: dict[str, int]) -> list[list[int]]:
     """Ranks whose shards hold the whole model once, grouped by pipeline stage, tensor-parallel rank order."""
     return [[rank_of(t, 0, p, layout) for t in range(layout["tp"])] for p in range(layout["pp"])]

@@ -29,7 +29,6 @@ from parallel.collectives import all_reduce, all_reduce_packed, data_parallel_gr
 from parallel.collectives import pipeline_group
 from parallel.optim import param_groups, warmup_cosine
 from parallel.pipeline import make_schedule, split_for_pipeline
-from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import Topology
 
 
@@ -57,17 +56,6 @@ class Engine(Protocol):
     def shards_to_read(self, meta: dict) -> set[str]: ...
     def load(self, directory: Path, meta: dict, shards: dict[str, dict]) -> None: ...
     def local_model_state(self) -> dict[str, torch.Tensor]: ...
-
-
-def build_engine(model: nn.Module, plan: ParallelPlan, topo: Topology, pcfg: ParallelConfig, tcfg, total_steps: int,
-                 device: torch.device, global_batch: int, micro_batch: int) -> Engine:
-    """Tensor parallelism applied as the plan says, then the engine the layout needs (ZeRO > 0: DeepSpeed)."""
-    model = apply_tensor_parallel(model, plan, pcfg.tp).to(device)
-    if pcfg.zero_stage > 0:
-        from parallel.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, plan, topo, pcfg, tcfg, total_steps, device, global_batch, micro_batch)
-    return TorchEngine(model, plan, topo, pcfg, tcfg, total_steps, device)
 
 
 def poison_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
+from parallel.topology import destroy_topology
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -25,7 +27,6 @@ def _entry(rank: int, world: int, port: int, threads: int, fn, args) -> None:
     try:
         fn(rank, world, *args)
     finally:
-        from parallel.topology import destroy_topology
         destroy_topology()
 
 

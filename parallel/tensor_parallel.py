@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from common.parallel_plan import ParallelPlan
+from parallel.collectives import all_reduce, tensor_parallel_group
 
 
 class TensorParallelLinear(nn.Module):
@@ -76,8 +77,6 @@ def apply_tensor_parallel(model: nn.Module, plan: ParallelPlan, tp: int) -> nn.M
 
 
 def _sum_over_tensor_parallel(grad: torch.Tensor) -> torch.Tensor:
-    from parallel.collectives import all_reduce, tensor_parallel_group
-
     grad = grad.clone()
     all_reduce(grad, tensor_parallel_group())
     return grad

@@ -50,6 +50,11 @@ def env_rank_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def rank_of(tp_rank: int, dp_rank: int, pp_rank: int, layout: dict[str, int]) -> int:
+    """megatron-core's rank order, which checkpoints assume: rank = tp_rank + tp * (dp_rank + dp * pp_rank)."""
+    return tp_rank + layout["tp"] * (dp_rank + layout["dp"] * pp_rank)
+
+
 def init_topology(cfg: ParallelConfig, device: str = "cpu") -> Topology:
     """Initialise torch.distributed (if not yet) and megatron-core's groups; a single process needs nothing."""
     rank, world, local_rank = env_rank_world()
@@ -72,8 +77,6 @@ def init_topology(cfg: ParallelConfig, device: str = "cpu") -> Topology:
                                  distributed_timeout_minutes=cfg.timeout_s / 60)
     topo = Topology(rank, world, cfg.tp, cfg.pp, world // (cfg.tp * cfg.pp), ps.get_tensor_model_parallel_rank(),
                     ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
-    from parallel.checkpoint_format import rank_of
-
     if rank_of(topo.tp_rank, topo.dp_rank, topo.pp_rank, {"tp": topo.tp, "dp": topo.dp}) != rank:
         raise RuntimeError(f"rank {rank}: megatron-core placed it at tp {topo.tp_rank}, dp {topo.dp_rank}, pp "
                            f"{topo.pp_rank}, not in the tp-dp-pp order checkpoints assume")

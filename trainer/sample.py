@@ -22,6 +22,7 @@ import torch
 
 from data_pipeline.clips import to_model_input, to_uint8_frames
 from data_pipeline.video_io import read_video, write_contact_sheet, write_video
+from models.text_encoder import TextEncoder
 from models.sampler import CFG_SCHEDULES, SamplingConfig, sample
 from models.tokenizer import VideoTokenizer
 from models.videoar import VideoAR
@@ -76,7 +77,6 @@ def condition(model: VideoAR, prompts: list[str], class_ids: list[int]) -> torch
         return torch.tensor(class_ids, dtype=torch.long)
     if not prompts:
         raise ValueError("this model is text-conditioned: pass --prompt")
-    from models.text_encoder import TextEncoder
     return TextEncoder(c.text_encoder, c.text_len).encode(prompts)
 
 

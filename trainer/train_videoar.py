@@ -29,7 +29,7 @@ from data_pipeline.loader import StreamingLoader
 from models.objective import BitObjective, breakdown, prepare_batch, sample_generator, scale_loss_weights
 from models.videoar import VideoAR
 from parallel.collectives import all_reduce_packed, barrier, broadcast_object, data_parallel_group, max_over_ranks
-from parallel.engine import build_engine
+from parallel.parallelize import parallelize
 from parallel.topology import describe_failure, destroy_topology, init_topology
 from trainer.checkpointing import CheckpointManager, RNGState, TrainState
 from trainer.curriculum import Curriculum
@@ -78,8 +78,8 @@ class VideoARTrainer:
                 raise ValueError(f"curriculum[{s.name}].global_batch={s.global_batch} must be a multiple of "
                                  f"micro_batch x data-parallel size = {s.micro_batch} x {self.topo.dp}")
         first = self.curriculum.stages[0]
-        self.engine = build_engine(self.model, self.plan, self.topo, cfg.parallel, t, self.curriculum.total_steps,
-                                   self.device, first.global_batch, first.micro_batch)
+        self.engine = parallelize(self.model, self.plan, self.topo, cfg.parallel, t, self.curriculum.total_steps,
+                                  self.device, first.global_batch, first.micro_batch)
         self.state = TrainState()
         self.loader = StreamingLoader([s.name for s in self.curriculum.stages], cfg.run.seed, self.topo.dp_rank,
                                       self.topo.dp)
