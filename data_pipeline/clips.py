@@ -22,17 +22,40 @@ class Clip:
     path: Path
     frames: np.ndarray  # uint8 (T, H, W, 3)
     caption: str
+    class_id: int | None = None
+
+
+def parse_sidecar(name: str, json_bytes: bytes | None, txt_bytes: bytes | None,
+                  strict: bool = True) -> tuple[str, int | None]:
+    """(caption, class id) of a video from its `<stem>.json` ("caption", optional "class") or `<stem>.txt` sidecar.
+
+    The one place that knows the sidecar format; `name` is the JSON sidecar's path for errors. A malformed JSON
+    sidecar raises with `strict`, else reads as no caption (the preprocessor keeps going over millions of inputs).
+    """
+    if json_bytes is not None:
+        try:
+            meta = json.loads(json_bytes)
+            caption = meta["caption"] if strict else meta.get("caption", "")
+            return str(caption), (int(meta["class"]) if meta.get("class") is not None else None)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            if strict:
+                raise ValueError(f"{name}: caption sidecar is not JSON with a 'caption' field ({e})") from None
+            return "", None
+    if txt_bytes is not None:
+        return txt_bytes.decode("utf-8", "replace").strip(), None
+    return "", None
+
+
+def read_sidecar(video_path: Path) -> tuple[str, int | None]:
+    """(caption, class id) from the sidecar next to a local video file; see `parse_sidecar`."""
+    meta, txt = video_path.with_suffix(".json"), video_path.with_suffix(".txt")
+    return parse_sidecar(str(meta), meta.read_bytes() if meta.is_file() else None,
+                         txt.read_bytes() if txt.is_file() else None)
 
 
 def read_caption(video_path: Path) -> str:
     """Caption from a `.json` sidecar ("caption" field) or a `.txt` sidecar; empty if there is none."""
-    meta, txt = video_path.with_suffix(".json"), video_path.with_suffix(".txt")
-    if meta.is_file():
-        try:
-            return str(json.loads(meta.read_text())["caption"])
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{meta}: caption sidecar is not JSON with a 'caption' field ({e})") from None
-    return txt.read_text().strip() if txt.is_file() else ""
+    return read_sidecar(video_path)[0]
 
 
 def load_clip_folder(folder: str | Path, resolution: tuple[int, int], min_frames: int,
@@ -48,7 +71,7 @@ def load_clip_folder(folder: str | Path, resolution: tuple[int, int], min_frames
         frames = read_video(path, size=tuple(resolution))
         if len(frames) < min_frames:
             raise ValueError(f"{path}: has {len(frames)} frames, training needs at least {min_frames}")
-        clips.append(Clip(path, frames, read_caption(path)))
+        clips.append(Clip(path, frames, *read_sidecar(path)))
     return clips
 
 

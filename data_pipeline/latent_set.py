@@ -62,14 +62,6 @@ def class_ids(captions: list[str], num_classes: int, labels: list[int | None]) -
     return torch.tensor(ids, dtype=torch.long)
 
 
-def sidecar_class(clip: Clip) -> int | None:
-    meta = clip.path.with_suffix(".json")
-    if meta.is_file():
-        value = json.loads(meta.read_text()).get("class")
-        return int(value) if value is not None else None
-    return None
-
-
 @torch.no_grad()
 def encode_latent_set(tokenizer, clips: list[Clip], frames: int, cond_kind: str, text_encoder=None,
                       num_classes: int = 0, batch_size: int = 4, progress: bool = True) -> LatentSet:
@@ -86,7 +78,7 @@ def encode_latent_set(tokenizer, clips: list[Clip], frames: int, cond_kind: str,
     if cond_kind == "text":
         cond = text_encoder.encode(captions).half()
     else:
-        cond = class_ids(captions, num_classes, [sidecar_class(clips[c]) for c, _ in windows])
+        cond = class_ids(captions, num_classes, [clips[c].class_id for c, _ in windows])
     return LatentSet(torch.cat(latents), cond, captions)
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import config_arg_parser, config_from_args
-from data_pipeline.clips import to_model_input
+from data_pipeline.clips import parse_sidecar, to_model_input
 from data_pipeline.object_store import Store, open_store
 from data_pipeline.preprocess_report import Meter, Summary
 from data_pipeline.shards import ShardRecord, sample_dict, write_tar_shard
@@ -77,17 +77,11 @@ def tokenizer_hash(ckpt: str | Path) -> str:
 
 # -- Ray work ------------------------------------------------------------------------------------------------
 def read_sidecar(store: Store, key: str) -> tuple[str, int | None]:
-    """Caption (and optional class id) from `<stem>.json` ("caption", "class") or `<stem>.txt`."""
+    """Caption (and optional class id) from the `<stem>.json` or `<stem>.txt` next to `key` in the store."""
     stem = key.rsplit(".", 1)[0]
-    if store.exists(stem + ".json"):
-        try:
-            meta = json.loads(store.read(stem + ".json"))
-            return str(meta.get("caption", "")), (int(meta["class"]) if "class" in meta else None)
-        except (ValueError, TypeError):
-            return "", None
-    if store.exists(stem + ".txt"):
-        return store.read(stem + ".txt").decode("utf-8", "replace").strip(), None
-    return "", None
+    meta, txt = stem + ".json", stem + ".txt"
+    return parse_sidecar(meta, store.read(meta) if store.exists(meta) else None,
+                         store.read(txt) if store.exists(txt) else None, strict=False)
 
 
 def decode_input(in_url: str, endpoint: str | None, key: str, size: int, buckets: list[Bucket], stride: int,

@@ -112,7 +112,7 @@ class MultiScaleBitwiseQuantizer(nn.Module):
         u = F.normalize(_resize(residual, self.sizes[k], self.cfg.down), dim=1)
         return u > 0, u
 
-    # -- encode / decode / training inputs ------------------------------------------------------------------
+    # -- encode / decode (the training and sampling inputs are built in models/sequence_inputs.py) -------------
     def forward(self, f: torch.Tensor) -> QuantizerOutput:
         """Quantize frames f (N, d, h, w) over all scales, with straight-through gradients and aux losses."""
         self._check_grid(f)
@@ -150,14 +150,6 @@ class MultiScaleBitwiseQuantizer(nn.Module):
         for k in range(n):
             acc = self.add_scale(acc, bits[k], k)
         return acc
-
-    def teacher_forcing_inputs(self, bits: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Inputs for scales 1..K-1: next_input(reconstruction from scales < k, k); training mirror of sampling."""
-        acc, inputs = self._empty_recon(bits), []
-        for k in range(self.num_scales - 1):
-            acc = self.add_scale(acc, bits[k], k)
-            inputs.append(self.next_input(acc, k + 1))
-        return inputs
 
     @torch.no_grad()
     def encode_with_error_correction(self, f: torch.Tensor, p_max: float, p_min: float = 0.0, delta: float = 0.01,

@@ -17,7 +17,7 @@ from models.videoar import VideoAR
 from common.model_config import CFG_SCHEDULES, SamplingConfig
 
 
-def cfg_gamma(schedule: str, scale: float, t: int, k: int, num_frames: int, num_scales: int) -> float:
+def guidance_gamma(schedule: str, scale: float, t: int, k: int, num_frames: int, num_scales: int) -> float:
     """Guidance strength for block (frame t, scale k) of num_frames x num_scales (DESIGN §3.7)."""
     ft = t / max(1, num_frames - 1)
     fk = k / max(1, num_scales - 1)
@@ -29,7 +29,7 @@ def cfg_gamma(schedule: str, scale: float, t: int, k: int, num_frames: int, num_
     if schedule == "text":  # 5 -> 3 across frames and scales (over the block index)
         i, n = t * num_scales + k, num_frames * num_scales
         return 5.0 - 2.0 * i / max(1, n - 1)
-    raise ValueError(f"unknown cfg schedule {schedule!r}; choose from {CFG_SCHEDULES}")
+    raise ValueError(f"unknown guidance schedule (sample.cfg_schedule) {schedule!r}; choose from {CFG_SCHEDULES}")
 
 
 def sample_bits(logits: torch.Tensor, temperature: float, top_p: float,
@@ -54,7 +54,7 @@ class SampleResult:
 
 @torch.no_grad()
 def sample(model: VideoAR, quantizer: MultiScaleBitwiseQuantizer, cond: torch.Tensor, num_frames: int,
-           cfg: SamplingConfig, given: list[torch.Tensor] | None = None,
+           sampling: SamplingConfig, given: list[torch.Tensor] | None = None,
            generator: torch.Generator | None = None) -> SampleResult:
     """Sample `num_frames` latent frames for each condition in `cond` (text states or class ids).
 
@@ -67,7 +67,7 @@ def sample(model: VideoAR, quantizer: MultiScaleBitwiseQuantizer, cond: torch.Te
     given_frames = 0 if given is None else given[0].shape[1]
     if given is not None and (len(given) != K or given_frames > num_frames or given[0].shape[0] != b):
         raise ValueError(f"given bits must be {K} scales of (B={b}, T0<={num_frames}, {d}, h, w)")
-    guided = cfg.guided()
+    guided = sampling.guided()
     batch_cond, drop = cond, None
     if guided:  # cond and uncond in one batch
         batch_cond = torch.cat([cond, cond])
@@ -90,10 +90,10 @@ def sample(model: VideoAR, quantizer: MultiScaleBitwiseQuantizer, cond: torch.Te
                 bits = given[k][:, t]
             else:
                 if guided:
-                    gamma = cfg_gamma(cfg.cfg_schedule, cfg.cfg_scale, t, k, num_frames, K)
+                    gamma = guidance_gamma(sampling.cfg_schedule, sampling.cfg_scale, t, k, num_frames, K)
                     lc, lu = logits[:b], logits[b:]
                     logits = lu + gamma * (lc - lu)
-                bits = tokens_to_grid(sample_bits(logits, cfg.temperature, cfg.top_p, generator),
+                bits = tokens_to_grid(sample_bits(logits, sampling.temperature, sampling.top_p, generator),
                                       block.height, block.width)
             out_bits[k][:, t] = bits
             acc = quantizer.add_scale(acc, bits, k)

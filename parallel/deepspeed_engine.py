@@ -69,7 +69,7 @@ class DeepSpeedEngine:
             model=model, optimizer=opt, lr_scheduler=sched, mpu=MegatronMPU(),
             config=deepspeed_config(pcfg, tcfg, topo, global_batch, micro_batch, device.type, plan.hidden_size))
         self.module = self.engine.module
-        self.layout = {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "zero_stage": pcfg.zero_stage}
+        self.parallel_layout = {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "zero_stage": pcfg.zero_stage}
 
     @property
     def lr(self) -> float:
@@ -117,8 +117,8 @@ class DeepSpeedEngine:
 
     def load(self, directory: Path, meta: dict, shards: dict[str, dict]) -> None:
         saved = meta.get("layout", fmt.SINGLE)
-        if saved != self.layout:
-            raise fmt.layout_mismatch(directory, saved, self.layout)
+        if saved != self.parallel_layout:
+            raise fmt.layout_mismatch(directory, saved, self.parallel_layout)
         self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
 
     def local_model_state(self) -> dict[str, torch.Tensor]:

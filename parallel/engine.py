@@ -42,7 +42,7 @@ class Objective(Protocol):
 
 class Engine(Protocol):
     module: nn.Module  # what this rank runs (its pipeline stage, its tensor-parallel shards)
-    layout: dict[str, int]  # the parallel layout: tp, pp, dp, zero_stage
+    parallel_layout: dict[str, int]  # the parallel layout: tp, pp, dp, zero_stage
     supports_async_save: bool
 
     @property
@@ -127,7 +127,7 @@ class TorchEngine:
             blocks = pcfg.blocks_per_stage(len(getattr(model, plan.blocks)))
             self.module = split_for_pipeline(model, plan, blocks, topo.pp_rank)
         self.opt, self.sched = optimizer_and_schedule(self.module, plan, tcfg, total_steps)
-        self.layout = {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "zero_stage": 0}
+        self.parallel_layout = {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "zero_stage": 0}
         self._schedules: dict = {}
 
     @property
@@ -231,7 +231,7 @@ class TorchEngine:
         """Rebuild this rank's slices from the full state the saved layout's shards hold together."""
         saved = meta.get("layout", fmt.SINGLE)
         if saved["zero_stage"] != 0:
-            raise fmt.layout_mismatch(directory, saved, self.layout)
+            raise fmt.layout_mismatch(directory, saved, self.parallel_layout)
         split = meta.get("tp_split", self.plan.tp_split)
         by_rank = {fmt.shard_rank(name): shards[name] for name in fmt.model_shards(meta)}
         model, optim = fmt.assemble(by_rank, saved, split)

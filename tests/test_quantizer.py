@@ -11,6 +11,7 @@ import torch
 from data_pipeline.clips import to_model_input
 from data_pipeline.video_io import read_video
 from models.quantizer import MultiScaleBitwiseQuantizer, QuantizerConfig
+from models.sequence_inputs import split_frames_scales, teacher_forcing_features
 from models.tokenizer import TokenizerConfig, VideoTokenizer
 
 
@@ -49,13 +50,15 @@ def test_bits_codes_and_indices_round_trip_exactly(latents):
     assert torch.equal(q.bits_to_index(torch.tensor([[True, False, True]]).view(1, 3, 1, 1)), torch.tensor([[[5]]]))
 
 
-def test_encode_forward_decode_and_teacher_forcing_inputs_mirror_each_other(latents):
+def test_encode_forward_decode_and_teacher_forcing_features_mirror_each_other(latents):
     q, f = latents
     out = q(f.clone().requires_grad_())
     bits = q.encode(f)
     assert all(torch.equal(a, b) for a, b in zip(out.bits, bits))
     torch.testing.assert_close(out.quantized, q.decode(bits))
-    inputs = q.teacher_forcing_inputs(bits)
+    # one-frame clips: the training path's per-scale inputs, split back into grids (scale 0 is the SOS slot)
+    features = teacher_forcing_features(q, [b.unsqueeze(1) for b in bits])
+    inputs = [x[:, 0] for x in split_frames_scales(features, 1, q.sizes)[1:]]
     assert [tuple(x.shape[-2:]) for x in inputs] == q.sizes[1:]
     for k, x in enumerate(inputs, start=1):
         torch.testing.assert_close(x, q.next_input(q.decode(bits, k), k))  # what sampling computes step by step

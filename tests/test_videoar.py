@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.quantizer import MultiScaleBitwiseQuantizer, QuantizerConfig
-from models.sampler import SamplingConfig, cfg_gamma, sample, sample_bits
+from models.sampler import SamplingConfig, guidance_gamma, sample, sample_bits
 from models.sequence_inputs import sequence_targets, split_frames_scales, teacher_forcing_features
 from models.videoar import VideoAR, VideoARConfig
 
@@ -108,14 +108,14 @@ def test_image_to_video_keeps_the_given_frame_and_samples_the_rest():
 
 
 def test_cfg_schedules_match_the_design():
-    assert cfg_gamma("constant", 2.5, 3, 1, 5, 6) == 2.5
+    assert guidance_gamma("constant", 2.5, 3, 1, 5, 6) == 2.5
     # UCF: first scale 1 -> 5 over frames, then linear to 10 at the last scale
-    assert [cfg_gamma("ucf", 0, t, 0, 5, 6) for t in range(5)] == [1.0, 2.0, 3.0, 4.0, 5.0]
-    assert cfg_gamma("ucf", 0, 0, 5, 5, 6) == 10.0 and cfg_gamma("ucf", 0, 4, 5, 5, 6) == 10.0
-    assert cfg_gamma("ucf", 0, 2, 1, 5, 6) == pytest.approx(3.0 + 7.0 / 5)
+    assert [guidance_gamma("ucf", 0, t, 0, 5, 6) for t in range(5)] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert guidance_gamma("ucf", 0, 0, 5, 5, 6) == 10.0 and guidance_gamma("ucf", 0, 4, 5, 5, 6) == 10.0
+    assert guidance_gamma("ucf", 0, 2, 1, 5, 6) == pytest.approx(3.0 + 7.0 / 5)
     # text: 5 -> 3 across frames and scales
-    assert cfg_gamma("text", 0, 0, 0, 5, 6) == 5.0 and cfg_gamma("text", 0, 4, 5, 5, 6) == 3.0
-    assert cfg_gamma("text", 0, 2, 3, 5, 6) == pytest.approx(5.0 - 2.0 * 15 / 29)
+    assert guidance_gamma("text", 0, 0, 0, 5, 6) == 5.0 and guidance_gamma("text", 0, 4, 5, 5, 6) == 3.0
+    assert guidance_gamma("text", 0, 2, 3, 5, 6) == pytest.approx(5.0 - 2.0 * 15 / 29)
 
 
 def test_guidance_combines_cond_and_uncond_logits():

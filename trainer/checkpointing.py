@@ -70,7 +70,7 @@ class CheckpointManager:
         self.metadata, self.every, self.keep_last, self.timeout_s = metadata, every, keep_last, timeout_s
         if async_save and not engine.supports_async_save:
             log.warning("videoar_train.async_save applies to the ZeRO-0 engine; DeepSpeed (parallel.zero_stage=%d) "
-                        "writes its checkpoints synchronously", engine.layout["zero_stage"])
+                        "writes its checkpoints synchronously", engine.parallel_layout["zero_stage"])
         self.async_save = async_save and engine.supports_async_save
         self.saver = AsyncSaver()
         self.last: Path | None = None  # the newest committed checkpoint

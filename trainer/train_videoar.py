@@ -188,7 +188,7 @@ class VideoARTrainer:
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _checkpoint_metadata(self) -> dict:
         return {"config": config_to_dict(self.cfg), "stage": self.curriculum.stage(max(0, self.step - 1)).name,
-                "world_size": self.topo.world, "layout": self.engine.layout, "tp_split": self.plan.tp_split}
+                "world_size": self.topo.world, "layout": self.engine.parallel_layout, "tp_split": self.plan.tp_split}
 
     def save(self, final: bool = True) -> Path | None:
         return self.checkpoints.save(self.step, final)
