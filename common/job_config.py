@@ -17,6 +17,7 @@ class ParallelConfig:
     activation_checkpointing: bool = False  # recompute each block in backward (less memory, ~1/3 more compute)
     backend: str = "auto"  # auto (gloo on CPU, nccl on CUDA) | gloo | nccl
     timeout_s: float = 600.0  # a collective waiting longer than this fails (a peer rank is dead or hung)
+    data_wait_s: float = 7200.0  # ranks > 0 wait this long for rank 0 to encode a stage's latents (not a collective)
 
     def __post_init__(self) -> None:
         p = "parallel"
@@ -29,6 +30,7 @@ class ParallelConfig:
         check_choice(f"{p}.pp_schedule", self.pp_schedule, ("1f1b", "gpipe"))
         check_choice(f"{p}.backend", self.backend, ("auto", "gloo", "nccl"))
         check(self.timeout_s > 0, f"{p}.timeout_s", f"must be > 0, got {self.timeout_s}")
+        check(self.data_wait_s > 0, f"{p}.data_wait_s", f"must be > 0, got {self.data_wait_s}")
         if self.stage_blocks is not None:
             check(len(self.stage_blocks) == self.pp and all(b >= 1 for b in self.stage_blocks),
                   f"{p}.stage_blocks", f"needs pp={self.pp} positive block counts, got {self.stage_blocks}")

@@ -18,27 +18,38 @@ import subprocess
 import sys
 import time
 
-from trainer.preemption import EXIT_PREEMPTED, SIGNALS
+from trainer.preemption import EXIT_FAILED, EXIT_PREEMPTED, SIGNALS
+
+
+RESEND_S = 5.0  # how often a received preemption signal is passed on again while ranks run
+
+
+def _ignore_usr1() -> None:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def launch(nproc: int, args: list[str], module: str = "trainer.train_videoar", nnodes: int = 1, node_rank: int = 0,
            master_addr: str = "127.0.0.1", master_port: int = 29500, threads: int = 0) -> int:
     world = nproc * nnodes
-    procs = []
+    procs, pending = [], []
+
+    def forward(signum, frame):
+        pending[:] = [signum]  # re-sent until the ranks exit: one may not have installed its handler yet
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}  # before any rank starts
     for local in range(nproc):
         env = {**os.environ, "RANK": str(node_rank * nproc + local), "LOCAL_RANK": str(local),
                "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": master_addr,
                "MASTER_PORT": str(master_port)}
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env))
-
-    def forward(signum, frame):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
+        # a rank starts with SIGUSR1 ignored until its trainer installs the preemption handler (its first act):
+        # a preemption during Python/torch start-up is then re-sent, not a kill by the default action
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env, preexec_fn=_ignore_usr1))
+    last_resend = time.monotonic()
     try:
         codes: dict[int, int] = {}
         while len(codes) < len(procs):
@@ -49,6 +60,9 @@ def launch(nproc: int, args: list[str], module: str = "trainer.train_videoar", n
                         for q in procs:
                             if q.poll() is None:
                                 q.terminate()
+            if pending and time.monotonic() - last_resend > RESEND_S:
+                forward(pending[0], None)
+                last_resend = time.monotonic()
             time.sleep(0.2)
     finally:
         for sig, handler in previous.items():
@@ -58,8 +72,10 @@ def launch(nproc: int, args: list[str], module: str = "trainer.train_videoar", n
         return 0
     if values <= {0, EXIT_PREEMPTED}:
         return EXIT_PREEMPTED
+    # a failure exits above EXIT_PREEMPTED, so srun (which returns its tasks' highest code) reports a crash on
+    # one node as a crash even when the other nodes' launchers were preempted: no requeue into the same crash
     failures = sorted(c for c in values if c not in (0, EXIT_PREEMPTED))
-    return failures[-1] if failures[-1] > 0 else 1  # killed by a signal (negative code): 1
+    return failures[-1] if failures[-1] > EXIT_PREEMPTED else EXIT_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,14 +42,20 @@ def render_sbatch(cfg: Config, config_path: str | Path) -> str:
     if s.threads_per_proc:
         launcher += ["--threads", str(s.threads_per_proc)]
     launcher += ["--", "--config", shlex.quote(str(Path(config_path).resolve()))]
+    cpus = f" --cpus-per-task={s.cpus_per_task}" if s.cpus_per_task else ""
     lines += [
         "",
         "# The first node of the allocation hosts the rendezvous of every node's launcher.",
         'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         f"cd {shlex.quote(str(Path.cwd().resolve()))}",
         'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST, head $HEAD"',
-        "# srun: one launcher per node; SLURM's USR1 reaches them, they pass it to the trainers.",
-        f"srun --ntasks-per-node=1 --kill-on-bad-exit=1 {' '.join(launcher)}",
+        "# Rendezvous for ranks that srun starts directly, without jobs.launch (parallel/topology.py reads these).",
+        'export MASTER_ADDR="$HEAD" MASTER_PORT=' + str(s.master_port),
+        "# srun: one launcher per node; SLURM's USR1 reaches them, they pass it to the trainers. No",
+        "# --kill-on-bad-exit: a preempted launcher exits 3 while the others still write their checkpoint shards;",
+        "# srun returns the highest code, and a crash exits > 3 (jobs.launch), so only a clean preemption requeues.",
+        "# Slurm >= 22.05 does not pass --cpus-per-task from sbatch to srun: say it again.",
+        f"srun --ntasks-per-node=1{cpus} {' '.join(launcher)}",
         "rc=$?",
         f"if [ $rc -eq {EXIT_PREEMPTED} ]; then",
         '    echo "preempted: checkpoint written, requeueing $SLURM_JOB_ID"',

@@ -29,9 +29,12 @@ def frame_visibility(batch: int, num_frames: int, window: int = 0, p_mask: float
     return past[None] & keep[:, None, :]
 
 
-def block_causal_mask(layout: SequenceLayout, visibility: torch.Tensor | None = None) -> torch.Tensor:
-    """(L, L) bool without `visibility`, else (B, L, L) using `frame_visibility`'s (B, T, T) table."""
-    frame, scale = layout.token_ids()
+def block_causal_mask(layout: SequenceLayout, visibility: torch.Tensor | None = None,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """(L, L) bool without `visibility`, else (B, L, L) using `frame_visibility`'s (B, T, T) table; built on
+    `device` (default: the visibility table's, else the CPU)."""
+    device = device if device is not None else (visibility.device if visibility is not None else "cpu")
+    frame, scale = (x.to(device) for x in layout.token_ids())
     is_prefix = frame < 0
     qf, kf = frame[:, None], frame[None, :]
     same_frame = (qf == kf) & (scale[None, :] <= scale[:, None]) & ~is_prefix[:, None]

@@ -82,10 +82,13 @@ def prepare_batch(quantizer: MultiScaleBitwiseQuantizer, layout: SequenceLayout,
         if stage.p_mask > 0 or stage.window > 0:
             vis.append(frame_visibility(1, t, stage.window, stage.p_mask, g))
         drop.append(torch.rand(1, generator=g) < cond_drop)
+    # the draws come from CPU generators (per sample, layout-independent); everything returned is on the device
+    device = latents.device
     per_scale = lambda xs: [torch.cat([x[k] for x in xs]) for k in range(quantizer.num_scales)]  # noqa: E731
-    mask = block_causal_mask(layout, torch.cat(vis)) if vis else None
+    mask = block_causal_mask(layout, torch.cat(vis).to(device)) if vis else None
     return MicroBatch(teacher_forcing_features(quantizer, per_scale(inputs)), sequence_targets(per_scale(labels)),
-                      cond, torch.cat(drop), mask, torch.stack(ratios).float(), layout)
+                      cond.to(device), torch.cat(drop).to(device), mask, torch.stack(ratios).float().to(device),
+                      layout)
 
 
 @lru_cache(maxsize=32)  # one per curriculum stage shape; read-only
@@ -139,7 +142,8 @@ class BitObjective:
 
 def breakdown(token_loss: torch.Tensor, token_correct: torch.Tensor, samples: int, latent_dim: int,
               frame_ids: torch.Tensor, scale_ids: torch.Tensor) -> dict[str, float]:
-    """Per-scale and per-frame losses and the overall bit accuracy from per-token sums."""
+    """Per-scale and per-frame losses and the overall bit accuracy from per-token sums (one device-to-host copy)."""
+    token_loss, token_correct = token_loss.cpu(), token_correct.cpu()
     out = {"bit_acc": float(token_correct.sum() / (samples * latent_dim * token_loss.numel()))}
     for name, ids in (("scale", scale_ids), ("frame", frame_ids)):
         for i in range(int(ids.max()) + 1):

@@ -182,8 +182,9 @@ class MultiScaleBitwiseQuantizer(nn.Module):
                     torch.full_like(p_prev, lo)
                 p = floor + (hi - floor) * torch.rand(b, generator=generator, dtype=torch.float64)
                 label, _ = self.quantize_scale(f[:, t] - acc, k)
+                # drawn on the generator's device (the CPU: seeded per sample, the same on every layout), then moved
                 u = torch.rand(label.shape, generator=generator, dtype=torch.float64)
-                noisy = label ^ (u < p.view(b, 1, 1, 1))
+                noisy = label ^ (u < p.view(b, 1, 1, 1)).to(label.device)
                 acc = self.add_scale(acc, noisy, k)
                 labels[k][:, t], inputs[k][:, t], ratios[:, t, k] = label, noisy, p
             p_prev = ratios[:, t, K - 1]

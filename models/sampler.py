@@ -39,7 +39,9 @@ def sample_bits(logits: torch.Tensor, temperature: float, top_p: float,
     if temperature == 0:
         return logits[..., 1] > logits[..., 0]
     p1 = torch.softmax(logits.float() / temperature, dim=-1)[..., 1]
-    draw = torch.rand(p1.shape, generator=generator, device=p1.device) < p1
+    # drawn on the generator's device (a seeded CPU generator gives the same bits on any device), then moved
+    u = torch.rand(p1.shape, generator=generator, device=generator.device if generator is not None else p1.device)
+    draw = u.to(p1.device) < p1
     greedy = p1 > 0.5
     confident = torch.maximum(p1, 1 - p1) >= top_p
     return torch.where(confident, greedy, draw)

@@ -101,11 +101,14 @@ class LayoutTensors:
 
 
 @lru_cache(maxsize=32)
-def layout_tensors(layout: SequenceLayout, head_dim: int, base: float, stretch: bool) -> LayoutTensors:
+def layout_tensors(layout: SequenceLayout, head_dim: int, base: float, stretch: bool,
+                   device: torch.device = torch.device("cpu")) -> LayoutTensors:
+    """Built once per (layout, device), on the device the model's parameters live on."""
     _, scale = layout.token_ids()
     first = layout.blocks[0]
-    return LayoutTensors(scale[layout.prefix_len:], rope_angles(layout.positions(stretch), head_dim, base).float(),
-                         block_causal_mask(layout), slice(0, first.end - layout.prefix_len))
+    angles = rope_angles(layout.positions(stretch), head_dim, base).float()
+    return LayoutTensors(scale[layout.prefix_len:].to(device), angles.to(device),
+                         block_causal_mask(layout, device=device), slice(0, first.end - layout.prefix_len))
 
 
 class VideoAR(nn.Module):
@@ -147,7 +150,8 @@ class VideoAR(nn.Module):
         return SequenceLayout(self.cfg.prefix_len, num_frames, tuple(tuple(map(int, s)) for s in sizes))
 
     def tensors(self, layout: SequenceLayout) -> LayoutTensors:
-        return layout_tensors(layout, self.cfg.head_dim, self.cfg.rope_base, self.cfg.rope_stretch)
+        return layout_tensors(layout, self.cfg.head_dim, self.cfg.rope_base, self.cfg.rope_stretch,
+                              next(self.parameters()).device)
 
     def prefix(self, cond: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Condition prefix (B, P, width) from text states (B, P, text_dim) or class ids (B,); samples with

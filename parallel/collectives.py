@@ -1,5 +1,7 @@
 """Every collective of the project goes through here (gloo on CPU, NCCL on CUDA: same calls), and every
-process-group lookup: callers never touch `torch.distributed` or megatron-core's `parallel_state` directly.
+process-group lookup: callers never touch `torch.distributed` or megatron-core's `parallel_state` directly
+(tests/test_device_discipline.py checks it). Each helper puts its tensor on the process group's device first:
+NCCL reduces only CUDA tensors, gloo here only CPU ones, so a CPU flag or metric meets a CUDA group safely.
 In a single process each helper is the identity."""
 
 from __future__ import annotations
@@ -37,18 +39,54 @@ def model_parallel_group():
     return _ps().get_model_parallel_group()
 
 
+def group_device(group=None) -> torch.device:
+    """Where `group`'s backend reduces tensors: this rank's CUDA device for NCCL, else the CPU."""
+    if initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _op(op: str):
+    if op not in ("sum", "max"):
+        raise ValueError(f"collective op must be 'sum' or 'max', got {op!r}")
+    return dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+
+
 def all_reduce(tensor: torch.Tensor, group=None, op: str = "sum") -> torch.Tensor:
-    """In place over `group` (default: every rank); op is sum or max."""
-    if initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
-    return tensor
+    """In place over `group` (default: every rank); op is sum or max. A tensor on another device than the
+    group's is reduced through a copy there (one transfer each way) and written back in place."""
+    if not initialized():
+        return tensor
+    device = group_device(group)
+    if tensor.device == device:
+        dist.all_reduce(tensor, op=_op(op), group=group)
+        return tensor
+    moved = tensor.to(device)
+    dist.all_reduce(moved, op=_op(op), group=group)
+    return tensor.copy_(moved)
+
+
+class _Done:
+    def wait(self) -> None:
+        pass
+
+
+def all_reduce_start(tensor: torch.Tensor, group=None):
+    """Start a sum over `group` in place without waiting (gradient buckets overlap their reductions); returns a
+    handle whose `wait()` completes it. `tensor` must live on `group_device(group)`."""
+    if not initialized():
+        return _Done()
+    if tensor.device != group_device(group):
+        raise ValueError(f"all_reduce_start: tensor on {tensor.device}, the group reduces on {group_device(group)}")
+    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
 
 def all_reduce_packed(tensors: list[torch.Tensor], group=None, op: str = "sum") -> list[torch.Tensor]:
     """Several tensors reduced in one collective (flattened, concatenated, split back to their shapes)."""
     if not initialized():
         return list(tensors)
-    packed = torch.cat([t.reshape(-1) for t in tensors])
+    device = group_device(group)
+    packed = torch.cat([t.reshape(-1).to(device) for t in tensors])
     all_reduce(packed, group, op)
     out, start = [], 0
     for t in tensors:
@@ -61,7 +99,7 @@ def max_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Each value's maximum over all ranks (one all-reduce)."""
     if not initialized():
         return dict(values)
-    packed = all_reduce(torch.tensor(list(values.values()), dtype=torch.float64), op="max")
+    packed = all_reduce(torch.tensor(list(values.values()), dtype=torch.float64, device=group_device()), op="max")
     return dict(zip(values, packed.tolist()))
 
 
@@ -69,12 +107,16 @@ def any_rank(flag: bool) -> bool:
     """True on every rank when it is true on any rank."""
     if not initialized():
         return flag
-    return bool(all_reduce(torch.tensor([1 if flag else 0], dtype=torch.int32), op="max").item())
+    flag_tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=group_device())
+    return bool(all_reduce(flag_tensor, op="max").item())
 
 
 def barrier() -> None:
     if initialized():
-        dist.barrier()
+        if dist.get_backend() == "nccl":  # NCCL's barrier needs the device it should use
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -27,6 +27,7 @@ from common.parallel_plan import ParallelPlan
 from parallel import checkpoint_format as fmt
 from parallel.collectives import all_reduce, all_reduce_packed, data_parallel_group, model_parallel_group
 from parallel.collectives import pipeline_group
+from parallel.grad_buckets import GradBuckets
 from parallel.optim import param_groups, warmup_cosine
 from parallel.pipeline import make_schedule, split_for_pipeline
 from parallel.topology import Topology
@@ -79,16 +80,22 @@ def is_tp_shard(p: torch.Tensor) -> bool:
     return bool(getattr(p, "tensor_model_parallel", False))
 
 
+def global_grad_norm(params: list[nn.Parameter], topo: Topology) -> torch.Tensor:
+    """The model-parallel global gradient norm as a float64 tensor on the gradients' device (no host sync)."""
+    grads = [p.grad.detach() for p in params if p.grad is not None and (is_tp_shard(p) or topo.tp_rank == 0)]
+    device = grads[0].device if grads else (params[0].device if params else torch.device("cpu"))
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for g in grads:
+        sq += g.double().pow(2).sum()
+    if topo.tp * topo.pp > 1:
+        all_reduce(sq, model_parallel_group())
+    return sq.sqrt()
+
+
 def clip_global_grad_norm(params: list[nn.Parameter], max_norm: float, topo: Topology) -> float:
     """torch's clip_grad_norm_ formula over the whole (model-parallel) model: every tensor-parallel shard and
     every replicated parameter counted once; the squared norm is summed over the tp x pp group."""
-    sq = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is not None and (is_tp_shard(p) or topo.tp_rank == 0):
-            sq += p.grad.detach().double().pow(2).sum()
-    if topo.tp * topo.pp > 1:
-        all_reduce(sq, model_parallel_group())
-    norm = float(sq.sqrt())
+    norm = float(global_grad_norm(params, topo))  # the step's one host sync
     if max_norm > 0:
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
@@ -101,12 +108,12 @@ def clip_global_grad_norm(params: list[nn.Parameter], max_norm: float, topo: Top
 def run_micro_batches(forward, micro: list, objective: Objective, backward=None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, summed statistics) over `micro`; `backward(loss)` after each micro-batch when training."""
-    loss_sum, stats = torch.zeros(()), torch.zeros(objective.stats_size)
+    loss_sum = stats = 0
     for mb in micro:
         loss, mb_stats = objective(forward(mb), mb.targets)
         if backward is not None:
             backward(loss)
-        loss_sum, stats = loss_sum + loss.detach(), stats + mb_stats
+        loss_sum, stats = loss_sum + loss.detach(), stats + mb_stats  # on the loss's device
     return loss_sum / len(micro), stats
 
 
@@ -127,6 +134,8 @@ class TorchEngine:
             blocks = pcfg.blocks_per_stage(len(getattr(model, plan.blocks)))
             self.module = split_for_pipeline(model, plan, blocks, topo.pp_rank)
         self.opt, self.sched = optimizer_and_schedule(self.module, plan, tcfg, total_steps)
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.grad_buckets = GradBuckets(params, data_parallel_group(), topo.dp) if topo.dp > 1 else None
         self.parallel_layout = {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "zero_stage": 0}
         self._schedules: dict = {}
 
@@ -138,7 +147,9 @@ class TorchEngine:
         pass
 
     def _forward(self, mb) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.tcfg.precision == "bf16"):
+        if self.tcfg.precision != "bf16":
+            return self.model(*mb.model_args())
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
             return self.model(*mb.model_args())
 
     def forward_backward(self, micro: list, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,8 +158,15 @@ class TorchEngine:
         self.opt.zero_grad(set_to_none=True)
         if self.topo.pp > 1:
             return self._pipeline(micro, objective)
-        return run_micro_batches(self._forward, micro, objective,
-                                 lambda loss: (poison_if_nonfinite(loss) / len(micro)).backward())
+        done = []
+
+        def backward(loss: torch.Tensor) -> None:
+            done.append(1)
+            if self.grad_buckets is not None and len(done) == len(micro):
+                self.grad_buckets.arm()  # the last micro-batch: reduce buckets while backward runs
+            (poison_if_nonfinite(loss) / len(micro)).backward()
+
+        return run_micro_batches(self._forward, micro, objective, backward)
 
     def evaluate(self, micro: list, objective: Objective) -> torch.Tensor:
         """Forward only: statistic sums over `micro` (shared with the whole pipeline group under pp)."""
@@ -190,7 +208,7 @@ class TorchEngine:
         if stats:
             loss, summed = torch.stack([s[0] for s in stats]).mean(), sum(s[1] for s in stats)
         else:
-            loss, summed = torch.zeros(()), torch.zeros(objective.stats_size)
+            loss, summed = torch.zeros((), device=self.device), torch.zeros(objective.stats_size, device=self.device)
         # the last stage has the loss: share it with the whole pipeline group (the others contribute zeros)
         loss, summed = all_reduce_packed([loss, summed], pipeline_group())
         return loss, summed
@@ -198,12 +216,8 @@ class TorchEngine:
     def step(self) -> tuple[float, bool]:
         """(global grad norm, whether the update was applied)."""
         params = [p for g in self.opt.param_groups for p in g["params"]]
-        if self.topo.dp > 1:
-            group = data_parallel_group()
-            for p in params:
-                if p.grad is not None:
-                    all_reduce(p.grad, group)
-                    p.grad.div_(self.topo.dp)
+        if self.grad_buckets is not None:
+            self.grad_buckets.reduce()
         norm = clip_global_grad_norm(params, self.tcfg.grad_clip, self.topo)
         if not math.isfinite(norm):
             self.opt.zero_grad(set_to_none=True)
@@ -255,8 +269,10 @@ class TorchEngine:
                     raise ValueError(f"{n}: checkpoint slice {tuple(value.shape)} vs model {tuple(p.shape)}")
                 p.copy_(value)
                 if n in optim:
-                    self.opt.state[p] = {k: (fmt.local_slice(n, v, tp, tp_rank, split).clone() if k in fmt.MOMENTS
-                                             else v.clone()) for k, v in optim[n].items()}
+                    # moments onto the parameter's device (what Optimizer.load_state_dict casts); `step` stays
+                    # a CPU tensor, as AdamW keeps it when not capturable/fused
+                    self.opt.state[p] = {k: (fmt.local_slice(n, v, tp, tp_rank, split).to(p.device, copy=True)
+                                             if k in fmt.MOMENTS else v.clone()) for k, v in optim[n].items()}
         if len(hparams) != len(self.opt.param_groups):
             raise ValueError(f"checkpoint has {len(hparams)} optimizer groups, this model {len(self.opt.param_groups)}")
         for group, h in zip(self.opt.param_groups, hparams):

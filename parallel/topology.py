@@ -50,6 +50,37 @@ def env_rank_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def rank_device(kind: str = "cpu") -> torch.device:
+    """This rank's one device: `cuda:$LOCAL_RANK` (torchrun; `SLURM_LOCALID` under srun) for "cuda", else the CPU.
+    Every model, batch and collective tensor of the rank lives there."""
+    if kind != "cuda":
+        return torch.device(kind)
+    local_rank = env_rank_world()[2]
+    if not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but torch sees no CUDA device (CPU-only build, or no GPU visible: "
+                           "check CUDA_VISIBLE_DEVICES and `nvidia-smi`); use run.device=cpu")
+    if torch.cuda.device_count() == 1:  # one GPU per task (e.g. srun --gpus-per-task=1): it is cuda:0
+        return torch.device("cuda", 0)
+    if local_rank >= torch.cuda.device_count():
+        raise RuntimeError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible on this node; "
+                           "start at most one process per GPU")
+    return torch.device("cuda", local_rank)
+
+
+def ensure_rendezvous_env(rank: int, world: int) -> None:
+    """MASTER_ADDR/MASTER_PORT for env:// when SLURM started the ranks directly (srun, no torchrun): the first
+    node of the job (the batch host runs SLURM_PROCID 0 under block distribution) and a port from the job id."""
+    env = os.environ
+    if world == 1 or ("MASTER_ADDR" in env and "MASTER_PORT" in env) or "SLURM_PROCID" not in env:
+        return
+    host = env.get("SLURM_LAUNCH_NODE_IPADDR")
+    if "MASTER_ADDR" not in env and not host:
+        raise RuntimeError("rank %d of %d: started by SLURM without MASTER_ADDR and without SLURM_LAUNCH_NODE_IPADDR; "
+                           "export MASTER_ADDR=<first node> and MASTER_PORT in the sbatch script" % (rank, world))
+    env.setdefault("MASTER_ADDR", host)
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
 def rank_of(tp_rank: int, dp_rank: int, pp_rank: int, layout: dict[str, int]) -> int:
     """megatron-core's rank order, which checkpoints assume: rank = tp_rank + tp * (dp_rank + dp * pp_rank)."""
     return tp_rank + layout["tp"] * (dp_rank + layout["dp"] * pp_rank)
@@ -57,7 +88,7 @@ def rank_of(tp_rank: int, dp_rank: int, pp_rank: int, layout: dict[str, int]) ->
 
 def init_topology(cfg: ParallelConfig, device: str = "cpu") -> Topology:
     """Initialise torch.distributed (if not yet) and megatron-core's groups; a single process needs nothing."""
-    rank, world, local_rank = env_rank_world()
+    rank, world, _ = env_rank_world()
     if dist.is_initialized():  # a launcher (e.g. Ray Train) already built the default group
         rank, world = dist.get_rank(), dist.get_world_size()
     if world == 1 and cfg.tp == 1 and cfg.pp == 1:
@@ -66,8 +97,9 @@ def init_topology(cfg: ParallelConfig, device: str = "cpu") -> Topology:
         raise ValueError(f"world size {world} is not divisible by parallel.tp x parallel.pp = {cfg.tp} x {cfg.pp}")
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
     if device == "cuda":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(rank_device("cuda"))
     if not dist.is_initialized():
+        ensure_rendezvous_env(rank, world)
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=cfg.timeout_s))
     from megatron.core import parallel_state as ps
 

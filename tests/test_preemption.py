@@ -44,7 +44,7 @@ def test_signal_checkpoints_and_exits_for_requeue(clips_dir, tokenizer_ckpt, tmp
     assert first.losses + second.losses == ref
     # the CLI turns a preemption into the requeue exit code
     save_config(cfg, tmp_path / "cfg.yaml")
-    monkeypatch.setattr(VideoARTrainer, "train", lambda self, max_steps=None: type(first)(0, 1, preempted=True))
+    monkeypatch.setattr(VideoARTrainer, "train", lambda self, max_steps=None, **kw: type(first)(0, 1, preempted=True))
     assert main(["--config", str(tmp_path / "cfg.yaml")]) == EXIT_PREEMPTED
 
 

@@ -12,15 +12,18 @@ is renamed into place only after fsync) and then commits. One save is in flight 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
 
+from common.atomic import atomic_write_text
 from parallel import checkpoint_format as fmt
-from parallel.collectives import barrier, broadcast_object
+from parallel.collectives import any_rank, barrier, broadcast_object
 from parallel.engine import Engine
 
 log = logging.getLogger("train_videoar")
@@ -116,19 +119,37 @@ class CheckpointManager:
         self.last = broadcast_object(done) or self.last
         return self.last
 
+    def _agreed_latest(self) -> tuple[dict, dict[str, dict]] | None:
+        """The newest step every rank can read and verify: rank 0 lists the committed steps and broadcasts them,
+        each rank reads the shards it needs, and all fall back together when any rank fails (never split)."""
+        own = fmt.shard_name(self.rank)
+        steps = broadcast_object(fmt.committed_steps(self.root) if self.rank == 0 else None)
+        for i in range(len(steps) - 1, -1, -1):
+            found, error = None, ""
+            try:
+                found = fmt.read_checkpoint(fmt.step_dir(self.root, steps[i]),
+                                            lambda meta: self.engine.shards_to_read(meta) | {own})
+            except (ValueError, OSError) as e:
+                error = str(e)
+            if not any_rank(found is None):
+                return found
+            fallback = f"falling back to step {steps[i - 1]}" if i else "no older checkpoint: starting afresh"
+            log.warning("checkpoint step %d is unusable: %s; %s", steps[i],
+                        error or "another rank could not read or verify its shards", fallback)
+        return None
+
     def load_latest(self, validate: Callable[[dict], None] = lambda meta: None) -> dict | None:
         """Restore the newest verified step into the engine and the components (reading the shards the saved
         layout needs plus this rank's own); returns its metadata, or None when there is none. `validate(meta)`
         may refuse it before anything is loaded."""
-        own = fmt.shard_name(self.rank)
-        found = fmt.load_latest(self.root, wanted=lambda meta: self.engine.shards_to_read(meta) | {own})
+        found = self._agreed_latest()
         if found is None:
             return None
         meta, shards = found
         validate(meta)
         directory = fmt.step_dir(self.root, meta["step"])
         self.engine.load(directory, meta, shards)
-        source = shards.get(fmt.shard_name(0)) or shards[own]  # rank 0's when the layout changed
+        source = shards.get(fmt.shard_name(0)) or shards[fmt.shard_name(self.rank)]  # rank 0's when the layout changed
         self.train.load_state_dict(source)
         for key, obj in self.states.items():
             obj.load_state_dict(source[key])
@@ -169,3 +190,23 @@ class AsyncSaver:
             raise RuntimeError(f"asynchronous checkpoint save failed: {error}") from error
         result, self._result = self._result, None
         return result
+
+
+def check_shared_run_dir(run_dir: Path, rank: int, world: int) -> None:
+    """Every rank must see the same run directory (checkpoints are committed by rank 0 from the shards all ranks
+    write; ranks > 0 read the latent cache rank 0 writes): rank 0 writes a token, every rank must read it back."""
+    if world == 1:
+        return
+    probe = Path(run_dir) / ".shared-fs-check"
+    token = None
+    if rank == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        token = f"{time.time_ns()}-{os.getpid()}"
+        atomic_write_text(probe, token)
+    token = broadcast_object(token)
+    deadline = time.monotonic() + 30.0  # an NFS client may cache the directory for a few seconds
+    while (seen := probe.read_text() if probe.is_file() else None) != token and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if any_rank(seen != token):
+        raise RuntimeError(f"{run_dir}: not the same directory on every rank (rank {rank} read {seen!r}, rank 0 "
+                           f"wrote {token!r}); run.dir must be on a filesystem all nodes share (NFS, Lustre, ...)")

@@ -8,8 +8,11 @@ tests/test_flops.py.
 
 from __future__ import annotations
 
+import torch
+
 from models.layout import SequenceLayout
 from models.videoar import VideoARConfig
+from trainer.step_metrics import clock
 
 
 def videoar_gemm_flops(cfg: VideoARConfig, latent_dim: int, layout: SequenceLayout, batch: int = 1) -> dict[str, int]:
@@ -52,21 +55,38 @@ def train_step_flops(cfg: VideoARConfig, latent_dim: int, layout: SequenceLayout
     return 3 * forward_flops(cfg, latent_dim, layout, batch)
 
 
-def measure_peak_flops(device: str = "cpu", n: int = 2048, repeats: int = 3) -> float:
-    """This device's dense fp32 GEMM rate (FLOP/s, best of `repeats` n x n x n products): the MFU denominator
-    when `run.peak_flops` is not given. On a shared CPU it is what the process can get, not the datasheet."""
-    import time
+# dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s per GPU, no sparsity), matched by substring
+# of torch.cuda.get_device_name(); the MFU denominator on GPUs when run.peak_flops is not given
+DATASHEET_BF16_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
+                        ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
+                        ("A6000", 155e12), ("A10", 125e12), ("L4", 121e12), ("4090", 165e12), ("V100", 125e12))
 
-    import torch
 
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def datasheet_peak_flops(device_name: str) -> float | None:
+    """The datasheet dense bf16 peak of a GPU by name, or None for a GPU not in the table."""
+    for key, flops in DATASHEET_BF16_FLOPS:
+        if key in device_name:
+            return flops
+    return None
+
+
+def measure_peak_flops(device: str | torch.device = "cpu", n: int = 2048, repeats: int = 3) -> float:
+    """The MFU denominator when `run.peak_flops` is not given. A GPU: its datasheet bf16 peak, else a measured
+    bf16 8192^3 GEMM. The CPU: a dense fp32 n^3 GEMM (best of `repeats`): on a shared CPU it is what the process
+    can get, not a datasheet."""
+    device = torch.device(device)
+    dtype = torch.float32
+    if device.type == "cuda":
+        peak = datasheet_peak_flops(torch.cuda.get_device_name(device))
+        if peak is not None:
+            return peak
+        n, dtype = max(n, 8192), torch.bfloat16
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for i in range(repeats + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock(device)
         (a @ b).sum().item()
         if i:  # the first product warms up
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, clock(device) - t0)
     return 2 * n**3 / best

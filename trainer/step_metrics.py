@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 
 import torch
 
 PHASES = ("time/data_s", "time/prepare_s", "time/fwd_bwd_s", "time/optimizer_s", "time/checkpoint_s")
 PER_RANK = PHASES + ("mem/peak_rss_gb", "mem/peak_device_gb")
+
+
+def clock(device: torch.device) -> float:
+    """A phase boundary: wall time after the device's queued work is done (CUDA runs asynchronously, so an
+    unsynchronized timer would charge one phase's kernels to the next)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def peak_memory_gb(device: torch.device) -> tuple[float, float]:

@@ -28,16 +28,16 @@ from common.metrics import JsonlLogger, MetricSinks
 from data_pipeline.loader import StreamingLoader
 from models.objective import BitObjective, breakdown, prepare_batch, sample_generator, scale_loss_weights
 from models.videoar import VideoAR
-from parallel.collectives import all_reduce_packed, barrier, broadcast_object, data_parallel_group, max_over_ranks
+from parallel.collectives import all_reduce_packed, broadcast_object, data_parallel_group, max_over_ranks
 from parallel.parallelize import parallelize
-from parallel.topology import describe_failure, destroy_topology, init_topology
-from trainer.checkpointing import CheckpointManager, RNGState, TrainState
+from parallel.topology import describe_failure, destroy_topology, init_topology, rank_device
+from trainer.checkpointing import CheckpointManager, RNGState, TrainState, check_shared_run_dir
 from trainer.curriculum import Curriculum
 from trainer.evaluate import HeldOutEvaluator
 from trainer.flops import measure_peak_flops, train_step_flops
 from trainer.preemption import EXIT_PREEMPTED, PreemptionFlag
-from trainer.step_metrics import PER_RANK, peak_memory_gb, throughput
-from trainer.videoar_data import load_frozen_tokenizer, out_dir, stage_data
+from trainer.step_metrics import PER_RANK, clock, peak_memory_gb, throughput
+from trainer.videoar_data import load_frozen_tokenizer, out_dir, stage_data, wait_for_stage_data
 
 log = logging.getLogger("train_videoar")
 
@@ -66,9 +66,10 @@ class VideoARTrainer:
             torch.set_num_threads(cfg.run.threads)
         self.topo = init_topology(cfg.parallel, cfg.run.device)
         self.progress = progress and self.topo.rank == 0
-        self.device = torch.device(cfg.run.device)
+        self.device = rank_device(cfg.run.device)
+        check_shared_run_dir(cfg.run_dir, self.topo.rank, self.topo.world)
         torch.manual_seed(cfg.run.seed)  # every rank builds the same full model, then keeps its part
-        self.tokenizer = load_frozen_tokenizer(cfg)
+        self.tokenizer = load_frozen_tokenizer(cfg, self.device)
         self.model = VideoAR(cfg.videoar, cfg.tokenizer.latent_dim)
         self.model.checkpoint_blocks = cfg.parallel.activation_checkpointing
         self.plan = self.model.parallel_plan()
@@ -88,7 +89,7 @@ class VideoARTrainer:
             self.topo.rank, self.topo.world, self._checkpoint_metadata, t.ckpt_every, t.keep_last, t.async_save,
             cfg.parallel.timeout_s)
         self._stage_index, self.quantizer = -1, None
-        self.peak_flops = cfg.run.peak_flops or broadcast_object(measure_peak_flops(cfg.run.device))
+        self.peak_flops = cfg.run.peak_flops or broadcast_object(measure_peak_flops(self.device))
         self.ledger = None  # sample keys per step (videoar_train.sample_ledger)
         self.evaluator = HeldOutEvaluator(self, lambda stage: self._load_data(stage, heldout=True))
         self.eval_every = t.eval_every
@@ -120,12 +121,9 @@ class VideoARTrainer:
         self._stage_index = index
 
     def _load_data(self, stage, heldout: bool = False):
-        if self.topo.rank == 0:  # one rank encodes and caches; the others read the cache
-            data = stage_data(self.cfg, self.tokenizer, stage, self.progress, heldout)
-        barrier()
-        if self.topo.rank != 0:
-            data = stage_data(self.cfg, self.tokenizer, stage, False, heldout)
-        return data
+        if self.topo.rank == 0:  # one rank encodes and caches; the others wait for the cache on the filesystem
+            return stage_data(self.cfg, self.tokenizer, stage, self.progress, heldout)
+        return wait_for_stage_data(self.cfg, stage, heldout, self.cfg.parallel.data_wait_s)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss and bit accuracy at the current stage (trainer/evaluate.py); a collective."""
@@ -139,23 +137,23 @@ class VideoARTrainer:
         index = cur.index(st.step)
         self._enter_stage(index)
         stage, q, p_max = cur.stages[index], self.quantizer, cur.flip_p_max(st.step)
-        t0 = time.perf_counter()
+        t0 = clock(self.device)
         batch = self.loader.next_batch(stage.global_batch)
-        t1 = time.perf_counter()
+        t1 = clock(self.device)
         layout = self.model.layout_for(batch.latents.shape[1], q.sizes)
         gens = [sample_generator(self.cfg.run.seed, st.step, j) for j in batch.positions]
         micro = prepare_batch(q, layout, batch.latents.to(self.device), batch.cond.to(self.device), stage,
                               self.cfg.videoar.cond_drop, p_max, t.flip_p_min, t.flip_delta, gens)
-        t2 = time.perf_counter()
+        t2 = clock(self.device)
         lr = self.engine.lr
         objective = BitObjective(layout.length - layout.prefix_len, scale_loss_weights(layout, t.scale_loss_weight))
         loss, stats = self.engine.forward_backward(micro.split(stage.micro_batch), objective)
-        t3 = time.perf_counter()
+        t3 = clock(self.device)
         grad_norm, applied = self.engine.step()
         flip = micro.flip_ratio.sum()
         if topo.dp > 1:  # metrics over the global batch
             loss, flip, stats = all_reduce_packed([loss / topo.dp, flip, stats], data_parallel_group())
-        t4 = time.perf_counter()
+        t4 = clock(self.device)
         if self.ledger is not None:  # what this rank's loader actually delivered for this step
             self.ledger.log({"step": st.step + 1, "keys": batch.keys})
         video_tokens = layout.length - layout.prefix_len
@@ -232,7 +230,8 @@ class VideoARTrainer:
             if sinks:
                 sinks.log(rec)
 
-    def train(self, max_steps: int | None = None, sinks: MetricSinks | None = None) -> VideoARRun:
+    def train(self, max_steps: int | None = None, sinks: MetricSinks | None = None,
+              preemption: PreemptionFlag | None = None) -> VideoARRun:
         """Train until the curriculum ends (or `max_steps` total completed steps), checkpointing on the way.
         Rank 0 logs to `sinks` (left open, e.g. to scrape them afterwards) or to its own, closed at the end."""
         t, topo, out = self.cfg.videoar_train, self.topo, out_dir(self.cfg)
@@ -250,7 +249,8 @@ class VideoARTrainer:
             self.ledger = JsonlLogger(out / "samples" / f"rank-{topo.rank:05d}.jsonl", append=resumed)
         bar = tqdm(total=end, initial=self.step, desc="videoar", unit="step", disable=not self.progress,
                    mininterval=0.5 if sys.stderr.isatty() else 20.0)
-        preemption = PreemptionFlag().install()
+        own_flag = preemption is None  # else the caller installed it (and uninstalls it)
+        preemption = PreemptionFlag().install() if own_flag else preemption
         try:
             while self.step < end:
                 rec = self.train_step()
@@ -276,7 +276,8 @@ class VideoARTrainer:
             log.error("%s", described)
             raise described from e
         finally:
-            preemption.uninstall()
+            if own_flag:
+                preemption.uninstall()
             bar.close()
             if own_sinks:
                 sinks.close()
@@ -293,6 +294,8 @@ def train_videoar(cfg: Config, progress: bool = True, max_steps: int | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
+    # first thing: a USR1 during start-up (tokenizer loading, latent encoding) is kept, not fatal
+    preemption = PreemptionFlag().install()
     parser = config_arg_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many total steps (a checkpoint "
                                                                     "is written; rerun to continue)")
@@ -301,10 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     trainer = VideoARTrainer(cfg)
     try:
-        run = trainer.train(args.max_steps)
+        run = trainer.train(args.max_steps, preemption=preemption)
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        preemption.uninstall()
     rank = trainer.topo.rank
     destroy_topology()
     if run.preempted:

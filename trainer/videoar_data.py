@@ -4,7 +4,10 @@ tokenizer and cached in `<run.dir>/videoar/latents/`. The held-out split is `dat
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+
+import torch
 
 from common.config import Config
 from common.train_config import StageConfig
@@ -19,8 +22,9 @@ def out_dir(cfg: Config) -> Path:
     return cfg.run_dir / "videoar"
 
 
-def load_frozen_tokenizer(cfg: Config):
-    tok, tok_cfg, _ = load_tokenizer(cfg.videoar_train.tokenizer_ckpt, cfg.run.device)
+def load_frozen_tokenizer(cfg: Config, device: torch.device):
+    """The frozen tokenizer on this rank's device (`cuda:<local rank>`, never every rank on cuda:0)."""
+    tok, tok_cfg, _ = load_tokenizer(cfg.videoar_train.tokenizer_ckpt, str(device))
     for section in ("tokenizer", "quantizer"):
         if getattr(tok_cfg, section) != getattr(cfg, section):
             raise ValueError(f"{cfg.videoar_train.tokenizer_ckpt}: its {section} config differs from this run's "
@@ -35,24 +39,47 @@ def stage_data(cfg: Config, tokenizer, stage: StageConfig, progress: bool, heldo
     if d.shards:
         bucket = f"{stage.resolution[0]}x{stage.resolution[1]}x{stage.frames}"
         return ShardSet(d.eval_shards if heldout else d.shards, bucket, d.endpoint_url or None, d.loader_workers)
-    clips_dir = Path(d.clips_dir)
-    listing = sorted((p.name, p.stat().st_size) for p in clips_dir.glob("*.mp4")) if clips_dir.is_dir() else []
-    weights = Path(cfg.videoar_train.tokenizer_ckpt) / WEIGHTS
-    key = cache_key(weights.stat().st_mtime_ns, weights.stat().st_size, listing, d.heldout_clips, stage.resolution,
-                    stage.frames, v.cond, v.text_encoder, v.text_len, v.num_classes)
-    name = f"{'heldout-' if heldout else ''}{stage.name}-{stage.resolution[0]}x{stage.resolution[1]}-f{stage.frames}"
-    path = out_dir(cfg) / "latents" / f"{name}.safetensors"
+    path, key = latent_cache(cfg, stage, heldout)
     cached = load_latent_set(path, key)
     if cached is not None:
         return cached
+    clips_dir = Path(d.clips_dir)
     clips = load_clip_folder(clips_dir, tuple(stage.resolution), stage.frames, progress=progress)
     train, held = split_heldout(clips, d.heldout_clips, clips_dir)
     encoder = None
     if v.cond == "text":
-        encoder = TextEncoder(v.text_encoder, v.text_len, cfg.run.device)
+        encoder = TextEncoder(v.text_encoder, v.text_len, str(next(tokenizer.parameters()).device))
         if encoder.dim != v.text_dim:
             raise ValueError(f"videoar.text_dim={v.text_dim} but {v.text_encoder} has width {encoder.dim}")
     ds = encode_latent_set(tokenizer, held if heldout else train, stage.frames, v.cond, encoder, v.num_classes,
                            progress=progress)
     save_latent_set(ds, path, key)
     return ds
+
+
+def latent_cache(cfg: Config, stage: StageConfig, heldout: bool = False) -> tuple[Path, str]:
+    """(path, key) of a stage's encoded-latent cache; the key covers the tokenizer, the clips and the settings."""
+    v, d = cfg.videoar, cfg.data
+    clips_dir = Path(d.clips_dir)
+    listing = sorted((p.name, p.stat().st_size) for p in clips_dir.glob("*.mp4")) if clips_dir.is_dir() else []
+    weights = Path(cfg.videoar_train.tokenizer_ckpt) / WEIGHTS
+    key = cache_key(weights.stat().st_mtime_ns, weights.stat().st_size, listing, d.heldout_clips, stage.resolution,
+                    stage.frames, v.cond, v.text_encoder, v.text_len, v.num_classes)
+    name = f"{'heldout-' if heldout else ''}{stage.name}-{stage.resolution[0]}x{stage.resolution[1]}-f{stage.frames}"
+    return out_dir(cfg) / "latents" / f"{name}.safetensors", key
+
+
+def wait_for_stage_data(cfg: Config, stage: StageConfig, heldout: bool, timeout_s: float, poll_s: float = 2.0):
+    """What `stage_data` returns, once another rank (rank 0) has encoded and cached it: the waiting is on the
+    shared filesystem, not in a collective, so a long encode cannot trip the collective timeout."""
+    if cfg.data.shards:
+        return stage_data(cfg, None, stage, False, heldout)
+    path, key = latent_cache(cfg, stage, heldout)
+    deadline = time.monotonic() + timeout_s
+    while (cached := load_latent_set(path, key)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: rank 0 has not written the encoded latents of stage {stage.name} within "
+                               f"parallel.data_wait_s={timeout_s:g} s (see rank 0's log; run.dir must be on a "
+                               "filesystem every rank shares)")
+        time.sleep(poll_s)
+    return cached
