@@ -192,7 +192,7 @@ class AsyncSaver:
         return result
 
 
-def check_shared_run_dir(run_dir: Path, rank: int, world: int) -> None:
+def check_shared_run_dir(run_dir: Path, rank: int, world: int, settle_s: float = 30.0) -> None:
     """Every rank must see the same run directory (checkpoints are committed by rank 0 from the shards all ranks
     write; ranks > 0 read the latent cache rank 0 writes): rank 0 writes a token, every rank must read it back."""
     if world == 1:
@@ -204,7 +204,7 @@ def check_shared_run_dir(run_dir: Path, rank: int, world: int) -> None:
         token = f"{time.time_ns()}-{os.getpid()}"
         atomic_write_text(probe, token)
     token = broadcast_object(token)
-    deadline = time.monotonic() + 30.0  # an NFS client may cache the directory for a few seconds
+    deadline = time.monotonic() + settle_s  # an NFS client may cache the directory for a few seconds
     while (seen := probe.read_text() if probe.is_file() else None) != token and time.monotonic() < deadline:
         time.sleep(0.5)
     if any_rank(seen != token):
