@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from trainer.preemption import EXIT_FAILED, EXIT_PREEMPTED, SIGNALS
+from common.exit_codes import EXIT_FAILED, EXIT_PREEMPTED, SIGNALS  # stdlib only: the launcher starts fast
 
 
 RESEND_S = 5.0  # how often a received preemption signal is passed on again while ranks run

@@ -38,14 +38,15 @@ def render_sbatch(cfg: Config, config_path: str | Path) -> str:
               "#SBATCH --requeue", "#SBATCH --open-mode=append"]
     lines += [f"#SBATCH {opt}" for opt in s.extra_sbatch]
     launcher = [shlex.quote(sys.executable), "-m", "jobs.launch", "--nproc", str(s.procs_per_node), "--nnodes", "$SLURM_NNODES",
-                "--node-rank", "$SLURM_NODEID", "--master-addr", "$HEAD", "--master-port", str(s.master_port)]
+                "--master-addr", "$HEAD", "--master-port", str(s.master_port)]
     if s.threads_per_proc:
         launcher += ["--threads", str(s.threads_per_proc)]
     launcher += ["--", "--config", shlex.quote(str(Path(config_path).resolve()))]
     cpus = f" --cpus-per-task={s.cpus_per_task}" if s.cpus_per_task else ""
     lines += [
         "",
-        "# The first node of the allocation hosts the rendezvous of every node's launcher.",
+        "# The first node of the allocation hosts the rendezvous of every node's launcher. Each launcher reads its",
+        "# node rank from its own $SLURM_NODEID (set per task by srun; written here it would be the batch host's 0).",
         'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         f"cd {shlex.quote(str(Path.cwd().resolve()))}",
         'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST, head $HEAD"',

@@ -42,3 +42,13 @@ def test_two_processes_train_get_preempted_and_resume(clips_dir, tokenizer_ckpt,
     shard = torch.load(tmp_path / "run" / "videoar" / "checkpoints" / "step-00000040" / "rank-00001.pt",
                        weights_only=True)
     assert shard["step"] == 40
+
+
+def test_a_preemption_during_start_up_is_kept_not_fatal():
+    """SIGUSR1 reaches the launcher while its rank is still starting (no handler yet): the rank ignores it until
+    its handler is installed, the launcher passes it on again, and the rank exits for requeue (not killed)."""
+    cmd = [sys.executable, "-m", "jobs.launch", "--nproc", "1", "--module", "tests.slow_start_rank", "--", "3"]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    time.sleep(1.0)  # the launcher has started its rank, which is still in its 3 s start-up
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == EXIT_PREEMPTED

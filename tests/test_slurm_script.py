@@ -21,7 +21,10 @@ def test_four_nodes_of_eight_gpus(tmp_path):
         assert expected in lines, expected
     srun = next(line for line in lines if line.startswith("srun "))
     assert "--ntasks-per-node=1" in srun  # one launcher per node ...
-    assert "--nproc 8 --nnodes $SLURM_NNODES --node-rank $SLURM_NODEID --master-addr $HEAD" in srun  # 8 ranks each
+    assert "--nproc 8 --nnodes $SLURM_NNODES --master-addr $HEAD" in srun  # 8 ranks each
+    assert "--node-rank" not in srun  # each launcher reads its own SLURM_NODEID; the batch shell's is always 0
+    assert "--kill-on-bad-exit" not in srun  # a preempted node must not kill the others mid-checkpoint
+    assert 'export MASTER_ADDR="$HEAD" MASTER_PORT=29500' in lines
     assert f"--config {config.resolve()}" in srun
     assert 'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in lines  # rendezvous: first node
     assert lines.index("rc=$?") > lines.index(srun)
@@ -34,3 +37,11 @@ def test_dry_run_prints_and_submits_nothing(tmp_path, capsys):
     assert main(["submit", "--config", "configs/demo.yaml", f"run.dir={tmp_path}", "--dry-run"]) == 0
     assert "#SBATCH --requeue" in capsys.readouterr().out
     assert not (tmp_path / "slurm").exists()
+
+
+def test_srun_repeats_cpus_per_task(tmp_path):
+    """Slurm >= 22.05 does not hand sbatch's --cpus-per-task to srun: without it 8 trainers share one CPU."""
+    cfg = load_config(None, TINY + [f"run.dir={tmp_path}", "slurm.cpus_per_task=12"])
+    lines = render_sbatch(cfg, tmp_path / "c.yaml").splitlines()
+    srun = next(line for line in lines if line.startswith("srun "))
+    assert "#SBATCH --cpus-per-task=12" in lines and srun.startswith("srun --ntasks-per-node=1 --cpus-per-task=12 ")

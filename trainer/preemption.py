@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import signal
 
+from common.exit_codes import EXIT_FAILED, EXIT_PREEMPTED, SIGNALS
 from parallel.collectives import any_rank
 
+__all__ = ["EXIT_FAILED", "EXIT_PREEMPTED", "SIGNALS", "PreemptionFlag"]
+
 log = logging.getLogger(__name__)
-EXIT_PREEMPTED = 3  # the sbatch script requeues the job when the trainer exits with this
-EXIT_FAILED = 4  # what jobs.launch returns for a rank that failed with a lower code (1, 2) or died by a signal
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class PreemptionFlag:
