@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from common.validation import ConfigError
 from common.job_config import ParallelConfig
 from parallel.checkpoint_format import rank_of, source_ranks
-from parallel.topology import init_topology
+from parallel.deepspeed_engine import deepspeed_config
+from parallel.topology import SINGLE, ensure_rendezvous_env, init_topology
 from tests.conftest import TINY
 from common.config import load_config
 
@@ -49,3 +52,25 @@ def test_megatron_rank_order():
     layout = {"tp": 2, "pp": 2, "dp": 2}
     assert [rank_of(t, d, p, layout) for p in range(2) for d in range(2) for t in range(2)] == list(range(8))
     assert source_ranks(layout) == [[0, 1], [4, 5]]
+
+
+def test_srun_started_ranks_get_a_rendezvous_address(monkeypatch):
+    """Ranks started by srun directly (no torchrun, no jobs.launch) rendezvous at the launch node on a port
+    derived from the job id; an explicit MASTER_ADDR/MASTER_PORT wins."""
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_LAUNCH_NODE_IPADDR", "10.1.2.3")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    ensure_rendezvous_env(3, 8)
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("10.1.2.3", str(20000 + 123456 % 20000))
+    monkeypatch.setenv("MASTER_ADDR", "head")
+    ensure_rendezvous_env(3, 8)
+    assert os.environ["MASTER_ADDR"] == "head"
+
+
+def test_deepspeed_accumulates_and_communicates_gradients_in_fp32():
+    cfg = load_config(None, TINY + ["parallel.zero_stage=2", "videoar_train.precision=bf16"])
+    ds = deepspeed_config(cfg.parallel, cfg.videoar_train, SINGLE, 8, 2, "cuda", 64)
+    assert ds["bf16"] == {"enabled": True}
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
