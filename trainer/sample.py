@@ -27,6 +27,7 @@ from models.sampler import CFG_SCHEDULES, SamplingConfig, sample
 from models.tokenizer import VideoTokenizer
 from models.videoar import VideoAR
 from parallel.checkpoint_format import full_model_state, read_consolidated, resolve_step_dir
+from parallel.topology import rank_device
 from common.config import Config, config_from_dict
 from trainer.curriculum import StageConfig
 from data_pipeline.tokenizer_ckpt import load_tokenizer
@@ -88,7 +89,8 @@ def given_bits(tokenizer: VideoTokenizer, quantizer, init: str | Path, init_fram
     if len(frames) < init_frames:
         raise ValueError(f"{init}: has {len(frames)} frames, --init-frames asks for {init_frames}")
     tokenizer.latent_frames(init_frames)  # 1 + k * tau
-    z = tokenizer.encode_latent(to_model_input(frames)).transpose(1, 2)[0]  # (T0, d, h, w)
+    x = to_model_input(frames).to(next(tokenizer.parameters()).device)
+    z = tokenizer.encode_latent(x).transpose(1, 2)[0]  # (T0, d, h, w)
     bits = quantizer.encode(z)
     return [b[None].expand(batch, *b.shape) for b in bits]
 
@@ -120,11 +122,11 @@ def write_samples(video: torch.Tensor, out_dir: str | Path, fps: float, labels: 
 def sample_to_files(ckpt: str | Path, out_dir: str | Path, prompts: list[str] = (), class_ids: list[int] = (),
                     sampling: dict | None = None, stage_name: str | None = None,
                     init: str | Path | None = None, init_frames: int = 1, seed: int = 0,
-                    tokenizer_ckpt: str | Path | None = None) -> Samples:
-    model, cfg, step = load_videoar(ckpt)
-    tokenizer, _, _ = load_tokenizer(tokenizer_ckpt or cfg.videoar_train.tokenizer_ckpt)
+                    tokenizer_ckpt: str | Path | None = None, device: str = "cpu") -> Samples:
+    model, cfg, step = load_videoar(ckpt, str(rank_device(device)))
+    tokenizer, _, _ = load_tokenizer(tokenizer_ckpt or cfg.videoar_train.tokenizer_ckpt, str(rank_device(device)))
     stage = pick_stage(cfg, stage_name)
-    cond = condition(model, list(prompts), list(class_ids))
+    cond = condition(model, list(prompts), list(class_ids)).to(rank_device(device))
     sampling_cfg = replace(cfg.sample, **(sampling or {}))  # the run's defaults, overridden per call
     video, forwards = generate(model, cfg, tokenizer, cond, sampling_cfg, stage, init, init_frames, seed)
     labels = list(prompts) if prompts else [f"class {i}" for i in class_ids]
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", help="curriculum stage whose resolution/length/scales to use (default: last)")
     parser.add_argument("--tokenizer", help="tokenizer checkpoint (default: the one the run was trained with)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to sample (cuda: cuda:0)")
     parser.add_argument("--out", default=None, help="output directory (default: <run.dir>/samples when --ckpt is "
                                                     "<run.dir>/videoar/checkpoints)")
     args = parser.parse_args(argv)
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                                        ("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
         out_dir = args.out or Path(args.ckpt).resolve().parent.parent / "samples"
         out = sample_to_files(args.ckpt, out_dir, args.prompt, args.class_id, overrides, args.stage, args.init,
-                              args.init_frames, args.seed, args.tokenizer)
+                              args.init_frames, args.seed, args.tokenizer, args.device)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     print(f"{len(out.videos)} samples ({out.forwards} transformer forwards): "
