@@ -39,7 +39,38 @@ DIRECTIONS: dict[str, tuple[float, float]] = {  # (dx, dy) in image coordinates 
     "up-right": (1, -1), "up-left": (-1, -1), "down-right": (1, 1), "down-left": (-1, 1),
 }
 SPEEDS = {"slowly": 0.75, "": 1.5, "quickly": 2.5}  # pixels per frame at 64 px; caption adverb -> speed
-BACKGROUNDS = {"stripes": "striped", "checkerboard": "checkered", "gradient": "gradient"}
+BACKGROUNDS = {"stripes": "striped", "checkerboard": "checkered", "gradient": "gradient", "plain": "plain"}
+BACKGROUND_ONLY_COLORS = {"gray": (110, 110, 110)}  # never an object's colour
+
+
+@dataclass(frozen=True)
+class World:
+    """What a clip may contain (`--world`): the easier the world, the fewer clips a small model needs."""
+    colors: tuple[str, ...]  # object colours
+    shapes: tuple[str, ...]
+    directions: tuple[str, ...]
+    speeds: tuple[str, ...]  # caption adverbs, keys of SPEEDS
+    backgrounds: tuple[str, ...]  # keys of BACKGROUNDS
+    background_colors: tuple[str, ...]
+    max_objects: int
+    radius: tuple[float, float]  # object size as a fraction of min(height, width)
+    scroll_p: float  # probability that the background scrolls
+
+
+WORLDS = {
+    # one large object, 4 colours x 3 shapes x 4 directions, one speed, plain gray background: 48 captions
+    "easy": World(("red", "green", "blue", "yellow"), ("circle", "square", "triangle"), ("right", "left", "up", "down"),
+                  ("",), ("plain",), ("gray",), 1, (0.16, 0.2), 0.0),
+    "medium": World(("red", "green", "blue", "yellow", "purple", "cyan"), ("circle", "square", "triangle", "ring"),
+                    tuple(DIRECTIONS), ("slowly", "quickly"), ("plain", "gradient", "stripes"), ("gray",), 2,
+                    (0.12, 0.18), 0.0),
+    "full": World(tuple(COLORS), SHAPES, tuple(DIRECTIONS), tuple(SPEEDS), ("stripes", "checkerboard", "gradient"),
+                  tuple(COLORS), 3, (0.09, 0.15), 0.5),
+}
+
+
+def color_rgb(name: str) -> tuple[int, int, int]:
+    return COLORS[name] if name in COLORS else BACKGROUND_ONLY_COLORS[name]
 
 
 @dataclass(frozen=True)
@@ -55,12 +86,14 @@ class ClipSpec:
     index: int
 
 
-def sample_clip(rng: np.random.Generator, height: int, width: int) -> dict[str, Any]:
-    """Random scene description (JSON-serialisable); rendering and caption follow from it alone."""
+def sample_clip(rng: np.random.Generator, height: int, width: int, world: str = "full") -> dict[str, Any]:
+    """Random scene description (JSON-serialisable) of `world`; rendering and caption follow from it alone. The
+    `full` world draws exactly what it always did, so its clips are unchanged."""
+    wd = WORLDS[world]
     scale = min(height, width) / 64
-    bg_color = str(rng.choice(list(COLORS)))
-    kind = str(rng.choice(list(BACKGROUNDS)))
-    scrolls = bool(rng.random() < 0.5)
+    bg_color = str(rng.choice(list(wd.background_colors)))
+    kind = str(rng.choice(list(wd.backgrounds)))
+    scrolls = bool(rng.random() < wd.scroll_p)
     scroll_dir = DIRECTIONS[str(rng.choice(list(DIRECTIONS)[:4]))]
     background = {
         "kind": kind,
@@ -69,21 +102,34 @@ def sample_clip(rng: np.random.Generator, height: int, width: int) -> dict[str, 
         "angle": float(rng.choice([0, 45, 90, 135])),
         "scroll": [0.5 * scale * d for d in scroll_dir] if scrolls else [0.0, 0.0],
     }
-    object_colors = rng.permutation([c for c in COLORS if c != bg_color])
+    object_colors = rng.permutation([c for c in wd.colors if c != bg_color])
     objects = []
-    for k in range(int(rng.integers(1, 4))):
-        adverb = str(rng.choice(list(SPEEDS)))
+    for k in range(int(rng.integers(1, wd.max_objects + 1))):
+        adverb = str(rng.choice(list(wd.speeds)))
         objects.append({
-            "shape": str(rng.choice(SHAPES)),
+            "shape": str(rng.choice(list(wd.shapes))),
             "color": str(object_colors[k]),
-            "direction": str(rng.choice(list(DIRECTIONS))),
+            "direction": str(rng.choice(list(wd.directions))),
             "speed": SPEEDS[adverb] * scale,
             "speed_word": adverb,
-            "radius": round(float(rng.uniform(0.09, 0.15) * min(height, width)), 2),
+            "radius": round(float(rng.uniform(*wd.radius) * min(height, width)), 2),
             "x": round(float(rng.uniform(0, width)), 2),
             "y": round(float(rng.uniform(0, height)), 2),
         })
     return {"objects": objects, "background": background}
+
+
+def object_center(obj: dict[str, Any], t: int, height: int, width: int) -> tuple[float, float]:
+    """(x, y) of an object's centre at frame t (straight line, wrapped around the borders)."""
+    ux, uy = DIRECTIONS[obj["direction"]]
+    norm = math.hypot(ux, uy)
+    return ((obj["x"] + obj["speed"] * ux / norm * t) % width, (obj["y"] + obj["speed"] * uy / norm * t) % height)
+
+
+def scene_tracks(scene: dict[str, Any], frames: int, height: int, width: int) -> list[list[list[float]]]:
+    """Per object, its centre [x, y] in every frame: the ground truth the video metrics score against."""
+    return [[[round(c, 2) for c in object_center(obj, t, height, width)] for t in range(frames)]
+            for obj in scene["objects"]]
 
 
 def caption_for(scene: dict[str, Any]) -> str:
@@ -96,6 +142,8 @@ def caption_for(scene: dict[str, Any]) -> str:
     bg = scene["background"]
     scrolling = "scrolling " if any(bg["scroll"]) else ""
     objects = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    if bg["kind"] == "plain":
+        return f"{objects} over a plain {bg['color']} background"
     described = f"{scrolling}{bg['color']} {BACKGROUNDS[bg['kind']]}"
     return f"{objects} over {'an' if described[0] in 'aeiou' else 'a'} {described} background"
 
@@ -106,19 +154,21 @@ def _background(bg: dict[str, Any], t: int, yy: np.ndarray, xx: np.ndarray) -> n
     theta = math.radians(bg["angle"])
     u = x * math.cos(theta) + y * math.sin(theta)
     period = bg["period"]
-    if bg["kind"] == "stripes":
+    if bg["kind"] == "plain":
+        level = np.full_like(u, 0.5)
+    elif bg["kind"] == "stripes":
         level = np.clip(0.5 + 2.0 * np.sin(2 * np.pi * u / period), 0, 1)
     elif bg["kind"] == "checkerboard":
         level = np.clip(0.5 + 2.0 * np.sin(np.pi * x / period) * np.sin(np.pi * y / period), 0, 1)  # soft edges
     else:  # gradient: triangle wave so scrolling stays continuous
         phase = (u / (4 * period)) % 2
         level = np.where(phase < 1, phase, 2 - phase)
-    color = np.asarray(COLORS[bg["color"]], np.float32) / 255
+    color = np.asarray(color_rgb(bg["color"]), np.float64) / 255
     dark, light = 0.25 * color + 0.05, 0.6 * color + 0.1
     return dark + level[..., None] * (light - dark)
 
 
-def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+def signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     """Approximate signed distance (pixels, negative inside) to a shape of size r centred at the origin."""
     if shape == "circle":
         return np.hypot(dx, dy) - r
@@ -136,19 +186,18 @@ def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np
 
 def render_clip(scene: dict[str, Any], frames: int, height: int, width: int) -> np.ndarray:
     """uint8 (T, H, W, 3): objects move in straight lines and wrap around the borders (torus)."""
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    # float64: np.sin's float32 SIMD and scalar loops differ by an ulp (which one runs depends on memory alignment),
+    # enough to flip a rounded pixel, so the same clip could encode to different bytes
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
     out = np.empty((frames, height, width, 3), np.uint8)
     for t in range(frames):
         canvas = _background(scene["background"], t, yy, xx)
         for obj in scene["objects"]:
-            ux, uy = DIRECTIONS[obj["direction"]]
-            norm = math.hypot(ux, uy)
-            cx = obj["x"] + obj["speed"] * ux / norm * t
-            cy = obj["y"] + obj["speed"] * uy / norm * t
+            cx, cy = object_center(obj, t, height, width)
             dx = (xx - cx + width / 2) % width - width / 2  # wrapped offsets: shapes reappear on the far side
             dy = (yy - cy + height / 2) % height - height / 2
-            alpha = np.clip(0.5 - _signed_distance(obj["shape"], dx, dy, obj["radius"]), 0, 1)[..., None]
-            canvas = canvas * (1 - alpha) + alpha * (np.asarray(COLORS[obj["color"]], np.float32) / 255)
+            alpha = np.clip(0.5 - signed_distance(obj["shape"], dx, dy, obj["radius"]), 0, 1)[..., None]
+            canvas = canvas * (1 - alpha) + alpha * (np.asarray(COLORS[obj["color"]], np.float64) / 255)
         out[t] = np.clip(np.rint(canvas * 255), 0, 255).astype(np.uint8)
     return out
 
@@ -170,11 +219,14 @@ def generate_clips(
     seed: int = 0,
     progress: bool = True,
     overwrite: bool = False,
+    world: str = "full",
 ) -> list[ClipSpec]:
     """Write clip-XXXXX.mp4 + .json pairs; pairs that already exist with the same settings are kept (resumable)."""
     height, width = (int(size), int(size)) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
     if height % 2 or width % 2 or min(height, width) < 8:
         raise ValueError(f"size must be even and >= 8, got {height}x{width}")
+    if world not in WORLDS:
+        raise ValueError(f"world must be one of {list(WORLDS)}, got {world!r}")
     if frames < 1 or num_clips < 0:
         raise ValueError(f"need frames >= 1 and num_clips >= 0, got {frames}, {num_clips}")
     out = Path(out_dir)
@@ -183,11 +235,12 @@ def generate_clips(
     for index in tqdm(range(num_clips), desc="synth clips", unit="clip", disable=not progress):
         mp4, meta_path = out / f"clip-{index:05d}.mp4", out / f"clip-{index:05d}.json"
         expected = {"seed": seed, "index": index, "frames": frames, "height": height, "width": width,
-                    "fps": float(fps)}
+                    "fps": float(fps), "world": world}
         meta = None if overwrite or not mp4.exists() else _existing(meta_path, expected)
         if meta is None:
-            scene = sample_clip(np.random.default_rng([seed, index]), height, width)
-            meta = {"caption": caption_for(scene), **expected, **scene}
+            scene = sample_clip(np.random.default_rng([seed, index]), height, width, world)
+            meta = {"caption": caption_for(scene), **expected, **scene,
+                    "tracks": scene_tracks(scene, frames, height, width)}
             write_video(mp4, render_clip(scene, frames, height, width), fps=fps)
             atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")  # sidecar last: marks the pair complete
         specs.append(ClipSpec(mp4, meta_path, meta["caption"], frames, height, width, float(fps), seed, index))
@@ -213,12 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=_parse_size, default=64, help="S (square) or HxW, even (default 64)")
     parser.add_argument("--fps", type=float, default=8, help="frame rate written into the mp4 (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="clip i is drawn from default_rng([seed, i])")
+    parser.add_argument("--world", choices=list(WORLDS), default="full",
+                        help="easy: one object, 4 colours x 3 shapes x 4 directions, plain background (learnable by "
+                             "the tiny models in minutes); medium: up to 2 objects, more of each; full: everything")
     parser.add_argument("--overwrite", action="store_true", help="regenerate clips that already exist")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     specs = generate_clips(args.out, args.clips, frames=args.frames, size=args.size, fps=args.fps,
-                           seed=args.seed, progress=not args.no_progress, overwrite=args.overwrite)
+                           seed=args.seed, progress=not args.no_progress, overwrite=args.overwrite,
+                           world=args.world)
     log.info("%d clips in %s", len(specs), args.out)
     return 0
 
