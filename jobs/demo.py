@@ -28,6 +28,7 @@ from common.metrics import read_jsonl
 from common.config import Config, config_arg_parser, config_from_args, load_config, save_config
 from trainer.preemption import EXIT_PREEMPTED
 from trainer.sample import sample_to_files
+from trainer.video_metrics import mean_scores
 from data_pipeline.tokenizer_ckpt import load_tokenizer
 from trainer.train_tokenizer import TokenizerRun, train_tokenizer
 from trainer.videoar_data import out_dir
@@ -175,11 +176,20 @@ def main(argv: list[str] | None = None) -> int:
           f"  throughput:              {throughput}\n"
           f"  checkpoints:             {ckpts}/ (latest: {(ckpts / 'latest').read_text().strip()})\n"
           f"  text-to-video samples:   {t2v.contact_sheet} and {len(t2v.videos)} .mp4\n"
+          f"  samples vs captions:     {_caption_summary(t2v.scores)}\n"
           f"  image-to-video sample:   {i2v.videos[0]} (first frame from {held[0].name})\n"
           f"  dashboards (metrics):    {cfg.run_dir / 'tokenizer' / 'metrics.jsonl'}, "
           f"{out_dir(train_cfg) / 'metrics.jsonl'}; tensorboard --logdir {cfg.run_dir}\n"
           f"  run summary:             python -m jobs.status {cfg.run_dir}")
     return 0
+
+
+def _caption_summary(scores: list[dict | None]) -> str:
+    mean = mean_scores(scores)
+    if not mean:
+        return "- (no synthetic-world captions)"
+    return (f"colour {mean['color']:.2f}, shape {mean['shape']:.2f}, direction {mean['direction']:.2f}, object in "
+            f"{mean['present']:.0%} of frames over {mean['videos']} videos (python -m trainer.evaluate_videos)")
 
 
 if __name__ == "__main__":

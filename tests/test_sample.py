@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,11 @@ def test_cli_writes_playable_videos_and_a_contact_sheet(trained, tmp_path, capsy
         info = probe_video(tmp_path / f"sample-{i:02d}.mp4")
         assert (info.num_frames, info.height, info.width) == (5, 32, 32)
     assert (tmp_path / "samples.png").stat().st_size > 0
+    # every video's sidecar says what made it
+    meta = json.loads((tmp_path / "sample-01.json").read_text())
+    assert meta["class"] == 3 and meta["seed"] == 0 and meta["checkpoint_step"] == 2 and meta["stage"] == "s"
+    assert meta["sampling"]["cfg_scale"] == 2.0 and meta["sampling"]["top_p"] == 0.9 and meta["init"] is None
+    assert meta["metrics"] is None  # a class id is no synthetic-world caption
 
 
 def test_cli_errors_are_clear(trained, tmp_path):

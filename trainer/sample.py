@@ -12,9 +12,10 @@ pick another). Writes one .mp4 per sample and a contact-sheet PNG.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,10 @@ from models.tokenizer import VideoTokenizer
 from models.videoar import VideoAR
 from parallel.checkpoint_format import full_model_state, read_consolidated, resolve_step_dir
 from parallel.topology import rank_device
+from common.atomic import atomic_write_text
 from common.config import Config, config_from_dict
 from trainer.curriculum import StageConfig
+from trainer.video_metrics import caption_scores
 from data_pipeline.tokenizer_ckpt import load_tokenizer
 
 log = logging.getLogger("sample")
@@ -41,6 +44,7 @@ class Samples:
     contact_sheet: Path
     frames: np.ndarray  # uint8 (B, T, H, W, 3)
     forwards: int
+    scores: list[dict | None]  # per video: caption scores (trainer/video_metrics.py), None without a world caption
 
 
 def load_videoar(ckpt: str | Path, device: str = "cpu") -> tuple[VideoAR, Config, int]:
@@ -131,8 +135,15 @@ def sample_to_files(ckpt: str | Path, out_dir: str | Path, prompts: list[str] = 
     video, forwards = generate(model, cfg, tokenizer, cond, sampling_cfg, stage, init, init_frames, seed)
     labels = list(prompts) if prompts else [f"class {i}" for i in class_ids]
     paths, sheet = write_samples(video, out_dir, cfg.data.fps, labels)
+    frames = to_uint8_frames(video)
+    scores = [caption_scores(f, p) for f, p in zip(frames, prompts)] if prompts else [None] * len(paths)
+    for i, path in enumerate(paths):  # what made each video, and how it scores against its caption
+        meta = {"prompt": prompts[i]} if prompts else {"class": class_ids[i]}
+        meta.update(seed=seed, sampling=asdict(sampling_cfg), checkpoint_step=step, stage=stage.name,
+                    init=str(init) if init else None, init_frames=init_frames if init else 0, metrics=scores[i])
+        atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
     log.info("step %d: %d samples, %d forwards", step, len(paths), forwards)
-    return Samples(paths, sheet, to_uint8_frames(video), forwards)
+    return Samples(paths, sheet, frames, forwards, scores)
 
 
 def main(argv: list[str] | None = None) -> int:
