@@ -73,8 +73,9 @@ def direction(det: Detection, height: int, width: int) -> str | None:
                / math.hypot(*DIRECTIONS[name]))
 
 
-def shape(frame: np.ndarray, color: str, shapes: tuple[str, ...] = SHAPES) -> str | None:
-    """The shape whose rendering (at the mask's centre, size searched) best overlaps the colour's mask."""
+def shape_ious(frame: np.ndarray, color: str, shapes: tuple[str, ...] = SHAPES) -> dict[str, float] | None:
+    """Per shape, the best IoU of its rendering (at the mask's centre, size searched) with the colour's mask;
+    None when the colour is absent from the frame."""
     mask = color_mask(frame, color)
     h, w = mask.shape
     if mask.sum() < MIN_AREA_FRAC * h * w:
@@ -84,13 +85,30 @@ def shape(frame: np.ndarray, color: str, shapes: tuple[str, ...] = SHAPES) -> st
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
     dx, dy = (xx - cx + w / 2) % w - w / 2, (yy - cy + h / 2) % h - h / 2
     r0 = math.sqrt(mask.sum() / math.pi)
-    best, best_iou = None, -1.0
+    best = dict.fromkeys(shapes, -1.0)
     for name in shapes:
         for r in r0 * np.linspace(0.7, 1.6, 10):
-            template = signed_distance(name, dx, dy, r) < 0
             for oy in (-1.0, 0.0, 1.0):  # a triangle's centroid is not its centre: try small offsets
-                t = template if oy == 0 else (signed_distance(name, dx, dy - oy * r / 4, r) < 0)
-                iou = (t & mask).sum() / max(1, (t | mask).sum())
-                if iou > best_iou:
-                    best, best_iou = name, iou
+                t = signed_distance(name, dx, dy - oy * r / 4, r) < 0
+                best[name] = max(best[name], (t & mask).sum() / max(1, (t | mask).sum()))
     return best
+
+
+def shape(frame: np.ndarray, color: str, shapes: tuple[str, ...] = SHAPES) -> str | None:
+    """The shape whose rendering best overlaps the colour's mask in one frame."""
+    ious = shape_ious(frame, color, shapes)
+    return None if ious is None else max(ious, key=ious.get)
+
+
+def clip_shape(frames: np.ndarray, color: str, shapes: tuple[str, ...] = SHAPES) -> str | None:
+    """The shape with the highest IoU summed over the frames where the colour is present: steadier than a
+    per-frame vote when a small object is ambiguous in single frames (a 5 px circle vs square)."""
+    total = dict.fromkeys(shapes, 0.0)
+    seen = False
+    for frame in frames:
+        ious = shape_ious(frame, color, shapes)
+        if ious is not None:
+            seen = True
+            for name, iou in ious.items():
+                total[name] += iou
+    return max(total, key=total.get) if seen else None

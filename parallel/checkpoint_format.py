@@ -35,6 +35,7 @@ from safetensors.torch import save
 
 from common.atomic import atomic_write_bytes, atomic_write_text
 from common.parallel_plan import tp_split_dim
+from parallel.collectives import any_rank, broadcast_object, rank as process_rank
 from parallel.topology import rank_of
 
 log = logging.getLogger(__name__)
@@ -179,14 +180,19 @@ def read_checkpoint(directory: str | Path, wanted: Wanted = None
 def load_latest(root: str | Path, wanted: Wanted = None
                 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
     """The newest committed step that verifies, falling back to older ones (with a warning saying why);
-    None when there is none."""
-    steps = committed_steps(root)
+    None when there is none. A collective in a multi-rank job: rank 0 lists the steps, each rank reads the shards
+    it needs, and all ranks fall back together when any one fails, so they never resume different steps."""
+    steps = broadcast_object(committed_steps(root) if process_rank() == 0 else None)
     for i in range(len(steps) - 1, -1, -1):
+        found, error = None, "another rank could not read or verify its shards"
         try:
-            return read_checkpoint(step_dir(root, steps[i]), wanted)
-        except ValueError as e:
-            fallback = f"falling back to step {steps[i - 1]}" if i else "no older checkpoint: starting afresh"
-            log.warning("checkpoint step %d is unusable: %s; %s", steps[i], e, fallback)
+            found = read_checkpoint(step_dir(root, steps[i]), wanted)
+        except (ValueError, OSError) as e:
+            error = str(e)
+        if not any_rank(found is None):
+            return found
+        fallback = f"falling back to step {steps[i - 1]}" if i else "no older checkpoint: starting afresh"
+        log.warning("checkpoint step %d is unusable: %s; %s", steps[i], error, fallback)
     return None
 
 

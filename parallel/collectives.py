@@ -16,6 +16,11 @@ def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def rank() -> int:
+    """This process's global rank (0 in a single process)."""
+    return dist.get_rank() if initialized() else 0
+
+
 def _ps():
     from megatron.core import parallel_state as ps
 
@@ -73,11 +78,12 @@ class _Done:
 
 def all_reduce_start(tensor: torch.Tensor, group=None):
     """Start a sum over `group` in place without waiting (gradient buckets overlap their reductions); returns a
-    handle whose `wait()` completes it. `tensor` must live on `group_device(group)`."""
+    handle whose `wait()` completes it. A tensor off the group's device is reduced at once (as `all_reduce`)."""
     if not initialized():
         return _Done()
     if tensor.device != group_device(group):
-        raise ValueError(f"all_reduce_start: tensor on {tensor.device}, the group reduces on {group_device(group)}")
+        all_reduce(tensor, group)
+        return _Done()
     return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
 

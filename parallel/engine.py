@@ -134,8 +134,8 @@ class TorchEngine:
             blocks = pcfg.blocks_per_stage(len(getattr(model, plan.blocks)))
             self.module = split_for_pipeline(model, plan, blocks, topo.pp_rank)
         self.opt, self.sched = optimizer_and_schedule(self.module, plan, tcfg, total_steps)
-        params = [p for g in self.opt.param_groups for p in g["params"]]
-        self.grad_buckets = GradBuckets(params, data_parallel_group(), topo.dp) if topo.dp > 1 else None
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.grad_buckets = GradBuckets(self.params, data_parallel_group(), topo.dp) if topo.dp > 1 else None
         self.parallel_layout = {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "zero_stage": 0}
         self._schedules: dict = {}
 
@@ -215,10 +215,9 @@ class TorchEngine:
 
     def step(self) -> tuple[float, bool]:
         """(global grad norm, whether the update was applied)."""
-        params = [p for g in self.opt.param_groups for p in g["params"]]
         if self.grad_buckets is not None:
             self.grad_buckets.reduce()
-        norm = clip_global_grad_norm(params, self.tcfg.grad_clip, self.topo)
+        norm = clip_global_grad_norm(self.params, self.tcfg.grad_clip, self.topo)
         if not math.isfinite(norm):
             self.opt.zero_grad(set_to_none=True)
             return norm, False

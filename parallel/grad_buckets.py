@@ -78,24 +78,7 @@ class GradBuckets:
         """Average every gradient over the data-parallel group (starting the buckets not started yet)."""
         self.armed = False
         for bucket in self.buckets:
-            if bucket.handle is None:
-                bucket.flat = None
-                if self.overlap:
-                    bucket.start(self.group)
-                else:  # gradients off the group's device: reduced through a copy there, then written back
-                    self._reduce_moved(bucket)
+            bucket.start(self.group)  # no-op for a bucket already started by its hooks
         for bucket in self.buckets:
             bucket.finish(self.dp)
             bucket.ready = 0
-
-    def _reduce_moved(self, bucket: _Bucket) -> None:
-        grads = [p.grad for p in bucket.params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads]).to(group_device(self.group))
-        all_reduce_start(flat, self.group).wait()
-        flat = flat.to(grads[0].device).div_(self.dp)
-        start = 0
-        for g in grads:
-            g.copy_(flat[start:start + g.numel()].view_as(g))
-            start += g.numel()

@@ -94,7 +94,8 @@ def test_ranks_fall_back_together_when_one_cannot_read_the_newest_step(clips_dir
 def _shared_dir_worker(rank, world, base, out):
     init_topology(ParallelConfig())
     try:
-        check_shared_run_dir(base / f"node{rank}", rank, world, settle_s=1.0)  # a different directory per rank: not shared
+        # a different directory per rank: not shared
+        check_shared_run_dir(base / f"node{rank}", rank, world, settle_s=1.0)
         result = "accepted"
     except RuntimeError as e:
         result = str(e)

@@ -119,37 +119,19 @@ class CheckpointManager:
         self.last = broadcast_object(done) or self.last
         return self.last
 
-    def _agreed_latest(self) -> tuple[dict, dict[str, dict]] | None:
-        """The newest step every rank can read and verify: rank 0 lists the committed steps and broadcasts them,
-        each rank reads the shards it needs, and all fall back together when any rank fails (never split)."""
-        own = fmt.shard_name(self.rank)
-        steps = broadcast_object(fmt.committed_steps(self.root) if self.rank == 0 else None)
-        for i in range(len(steps) - 1, -1, -1):
-            found, error = None, ""
-            try:
-                found = fmt.read_checkpoint(fmt.step_dir(self.root, steps[i]),
-                                            lambda meta: self.engine.shards_to_read(meta) | {own})
-            except (ValueError, OSError) as e:
-                error = str(e)
-            if not any_rank(found is None):
-                return found
-            fallback = f"falling back to step {steps[i - 1]}" if i else "no older checkpoint: starting afresh"
-            log.warning("checkpoint step %d is unusable: %s; %s", steps[i],
-                        error or "another rank could not read or verify its shards", fallback)
-        return None
-
     def load_latest(self, validate: Callable[[dict], None] = lambda meta: None) -> dict | None:
         """Restore the newest verified step into the engine and the components (reading the shards the saved
         layout needs plus this rank's own); returns its metadata, or None when there is none. `validate(meta)`
         may refuse it before anything is loaded."""
-        found = self._agreed_latest()
+        own = fmt.shard_name(self.rank)
+        found = fmt.load_latest(self.root, wanted=lambda meta: self.engine.shards_to_read(meta) | {own})
         if found is None:
             return None
         meta, shards = found
         validate(meta)
         directory = fmt.step_dir(self.root, meta["step"])
         self.engine.load(directory, meta, shards)
-        source = shards.get(fmt.shard_name(0)) or shards[fmt.shard_name(self.rank)]  # rank 0's when the layout changed
+        source = shards.get(fmt.shard_name(0)) or shards[own]  # rank 0's when the layout changed
         self.train.load_state_dict(source)
         for key, obj in self.states.items():
             obj.load_state_dict(source[key])

@@ -111,9 +111,9 @@ def generate(model: VideoAR, cfg: Config, tokenizer: VideoTokenizer, cond: torch
     return video, res.forwards
 
 
-def write_samples(video: torch.Tensor, out_dir: str | Path, fps: float, labels: list[str]) -> tuple[list[Path], Path]:
+def write_samples(frames: np.ndarray, out_dir: str | Path, fps: float, labels: list[str]) -> tuple[list[Path], Path]:
+    """uint8 videos (B, T, H, W, 3) as sample-XX.mp4 plus a contact sheet."""
     out_dir = Path(out_dir)
-    frames = to_uint8_frames(video)
     paths = []
     for i, clip in enumerate(frames):
         paths.append(out_dir / f"sample-{i:02d}.mp4")
@@ -127,15 +127,16 @@ def sample_to_files(ckpt: str | Path, out_dir: str | Path, prompts: list[str] = 
                     sampling: dict | None = None, stage_name: str | None = None,
                     init: str | Path | None = None, init_frames: int = 1, seed: int = 0,
                     tokenizer_ckpt: str | Path | None = None, device: str = "cpu") -> Samples:
-    model, cfg, step = load_videoar(ckpt, str(rank_device(device)))
-    tokenizer, _, _ = load_tokenizer(tokenizer_ckpt or cfg.videoar_train.tokenizer_ckpt, str(rank_device(device)))
+    device = rank_device(device)
+    model, cfg, step = load_videoar(ckpt, str(device))
+    tokenizer, _, _ = load_tokenizer(tokenizer_ckpt or cfg.videoar_train.tokenizer_ckpt, str(device))
     stage = pick_stage(cfg, stage_name)
-    cond = condition(model, list(prompts), list(class_ids)).to(rank_device(device))
+    cond = condition(model, list(prompts), list(class_ids)).to(device)
     sampling_cfg = replace(cfg.sample, **(sampling or {}))  # the run's defaults, overridden per call
     video, forwards = generate(model, cfg, tokenizer, cond, sampling_cfg, stage, init, init_frames, seed)
     labels = list(prompts) if prompts else [f"class {i}" for i in class_ids]
-    paths, sheet = write_samples(video, out_dir, cfg.data.fps, labels)
     frames = to_uint8_frames(video)
+    paths, sheet = write_samples(frames, out_dir, cfg.data.fps, labels)
     scores = [caption_scores(f, p) for f, p in zip(frames, prompts)] if prompts else [None] * len(paths)
     for i, path in enumerate(paths):  # what made each video, and how it scores against its caption
         meta = {"prompt": prompts[i]} if prompts else {"class": class_ids[i]}

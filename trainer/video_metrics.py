@@ -5,7 +5,6 @@ own detectors), and the Fréchet distance between feature sets (FVD when the fea
 
 from __future__ import annotations
 
-import math
 import re
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.synth import COLORS, DIRECTIONS, SHAPES
-from data_pipeline.synth_detect import detect, direction, dominant_color, shape
+from data_pipeline.synth_detect import clip_shape, detect, direction, dominant_color
 
 _OBJECT = re.compile(r"\b(an?) (?P<color>%s) (?P<shape>%s) (?:\w+ )?moving (?P<direction>%s)\b" % (
     "|".join(COLORS), "|".join(SHAPES), "|".join(sorted(DIRECTIONS, key=len, reverse=True))))
@@ -81,8 +80,7 @@ def caption_scores(frames: np.ndarray, caption: str) -> dict[str, float] | None:
         return None
     want = objects[0]
     det = detect(frames, want["color"])
-    shapes = [shape(f, want["color"]) for f in frames[det.present]]
-    seen = max(set(shapes), key=shapes.count) if shapes else None
+    seen = clip_shape(frames[det.present], want["color"])
     color_ok = dominant_color(frames) == want["color"] if len(objects) == 1 else bool(det.present.any())
     return {"color": float(color_ok), "shape": float(seen == want["shape"]),
             "direction": float(direction(det, *frames.shape[1:3]) == want["direction"]),
@@ -105,4 +103,4 @@ def drift_curve(generated: torch.Tensor, real: torch.Tensor) -> list[float]:
     units: how fast image-to-video drifts from the truth."""
     t = min(generated.shape[2], real.shape[2])
     err = ((generated[:, :, :t] - real[:, :, :t]).abs() / 2).mean(dim=(0, 1, 3, 4))
-    return [float(e) for e in err] if not math.isnan(float(err.sum())) else []
+    return [float(e) for e in err]

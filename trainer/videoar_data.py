@@ -75,11 +75,15 @@ def wait_for_stage_data(cfg: Config, stage: StageConfig, heldout: bool, timeout_
     if cfg.data.shards:
         return stage_data(cfg, None, stage, False, heldout)
     path, key = latent_cache(cfg, stage, heldout)
-    deadline = time.monotonic() + timeout_s
-    while (cached := load_latent_set(path, key)) is None:
+    deadline, seen = time.monotonic() + timeout_s, None
+    while True:
+        stamp = path.stat().st_mtime_ns if path.is_file() else None
+        if stamp is not None and stamp != seen:  # read only a file rank 0 has (re)written since the last look
+            seen = stamp
+            if (cached := load_latent_set(path, key)) is not None:
+                return cached
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path}: rank 0 has not written the encoded latents of stage {stage.name} within "
                                f"parallel.data_wait_s={timeout_s:g} s (see rank 0's log; run.dir must be on a "
                                "filesystem every rank shares)")
         time.sleep(poll_s)
-    return cached
