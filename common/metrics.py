@@ -5,7 +5,9 @@ fans it out to three places under the same names:
 - `metrics.jsonl`: every key, one JSON object per line (with wall time), flushed so dashboards can tail it;
 - TensorBoard event files (`tensorboard/`, `torch.utils.tensorboard`): numeric keys as scalars, tag = key;
 - a Prometheus endpoint on 127.0.0.1 (`prometheus_client`): numeric keys as gauges named
-  `prometheus_name(prefix, key)`, e.g. `videoar_time_data_s`; its URL is written to `metrics_endpoint`.
+  `prometheus_name(prefix, key)`, e.g. `videoar_time_data_s`; its URL is written to `metrics_endpoint`, and the
+  target to `prometheus_targets.json` (Prometheus file_sd format, so a scrape config can follow a port chosen at
+  start-up; removed on a clean close, so a target left `up == 0` means the process died; configs/prometheus/).
 Only one process of a job (rank 0) owns the sinks; the trainer aggregates over ranks before logging.
 """
 
@@ -25,6 +27,7 @@ from common.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 ENDPOINT_FILE = "metrics_endpoint"
+TARGETS_FILE = "prometheus_targets.json"
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -71,6 +74,21 @@ def numeric(record: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")}
 
 
+class LatestRecord:
+    """A prometheus_client collector: the last logged values as gauges. `values` is replaced whole, never
+    updated in place, so a scrape (another thread) never mixes two steps' numbers."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.values = prefix, {}
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        for key, v in self.values.items():
+            yield GaugeMetricFamily(prometheus_name(self.prefix, key), f"{self.prefix} {key} (see metrics.jsonl)",
+                                    value=v)
+
+
 class MetricSinks:
     """JSONL + TensorBoard + Prometheus for one job (see the module docstring).
 
@@ -81,18 +99,22 @@ class MetricSinks:
                  prometheus_port: int = 0):
         self.out_dir, self.prefix = Path(out_dir), prefix
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.url, self._server, self._gauges, self._registry = None, None, {}, None
+        self.url, self._server, self._latest = None, None, None
         if prometheus_port >= 0:
             from prometheus_client import CollectorRegistry, start_http_server
 
-            self._registry = CollectorRegistry()
+            registry, self._latest = CollectorRegistry(), LatestRecord(prefix)
+            registry.register(self._latest)
             try:
-                self._server, _ = start_http_server(prometheus_port, addr="127.0.0.1", registry=self._registry)
+                self._server, _ = start_http_server(prometheus_port, addr="127.0.0.1", registry=registry)
             except OSError as e:
                 raise OSError(f"cannot serve Prometheus metrics on 127.0.0.1:{prometheus_port} ({e}); choose "
                               "another run.metrics_port (0 = any free port, -1 = off)") from None
             self.url = f"http://127.0.0.1:{self._server.server_port}/metrics"
             atomic_write_text(self.out_dir / ENDPOINT_FILE, self.url + "\n")
+            target = {"targets": [f"127.0.0.1:{self._server.server_port}"],
+                      "labels": {"metrics_dir": str(self.out_dir.resolve())}}
+            atomic_write_text(self.out_dir / TARGETS_FILE, json.dumps([target]) + "\n")
             log.info("Prometheus metrics at %s", self.url)
         self.jsonl = JsonlLogger(self.out_dir / "metrics.jsonl", append=append)
         self.tb = None
@@ -108,15 +130,8 @@ class MetricSinks:
         if self.tb is not None:
             for key, v in values.items():
                 self.tb.add_scalar(key, v, step)
-        if self._registry is not None:
-            from prometheus_client import Gauge
-
-            for key, v in {"step": float(step), **values}.items():
-                name = prometheus_name(self.prefix, key)
-                if name not in self._gauges:
-                    self._gauges[name] = Gauge(name, f"{self.prefix} {key} (see metrics.jsonl)",
-                                               registry=self._registry)
-                self._gauges[name].set(v)
+        if self._latest is not None:  # keys missing from this record (eval/*) keep their last value
+            self._latest.values = {**self._latest.values, "step": float(step), **values}
 
     def flush(self) -> None:
         if self.tb is not None:
@@ -130,3 +145,4 @@ class MetricSinks:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+            (self.out_dir / TARGETS_FILE).unlink(missing_ok=True)
