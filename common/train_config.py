@@ -91,7 +91,11 @@ class VideoARTrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     flip_p_min: float = 0.0  # CFEC p_min (DESIGN §3.6); p_max comes from the curriculum
-    flip_delta: float = 0.01  # CFEC per-frame increase of the flip-ratio bounds
+    flip_delta: float = 0.01  # CFEC per-frame increase of the flip-ratio bounds; 0 = the same bounds for every frame
+    # CFEC error inheritance: a frame's first-scale ratio is drawn from U(max(lo, previous frame's final ratio), hi);
+    # false = U(lo, hi) at every scale (the time-dependent bounds stay). Corruption itself is off with p_max = 0
+    # (curriculum flip_start = flip_end = 0).
+    flip_inherit: bool = True
     scale_loss_weight: str = "none"  # none | sqrt_area: coarse-scale tokens weigh sqrt(H*W / (h_k*w_k)) (Infinity)
     log_every: int = 10
     ckpt_every: int = 100  # also at every stage switch and at the end

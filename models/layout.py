@@ -10,6 +10,8 @@ from functools import cached_property
 
 import torch
 
+from common.model_config import ROPE_MODES
+
 
 @dataclass(frozen=True)
 class Block:
@@ -61,10 +63,15 @@ class SequenceLayout:
             frame[b.start:b.end], scale[b.start:b.end] = b.frame, b.scale
         return frame, scale
 
-    def positions(self, rope_stretch: bool = False) -> torch.Tensor:
+    def positions(self, rope_stretch: bool = False, rope: str = "temporal") -> torch.Tensor:
         """Multi-scale temporal RoPE positions (L, 3) as (t, h, w) (DESIGN §3.4): prefix token i -> (i, i, i);
         video token (frame t, row r, col c) of any scale -> (t+P, r+P, c+P). With `rope_stretch` a coarse scale's
-        row/col index is mapped onto the final grid (r * H / h_k) instead of the raw index."""
+        row/col index is mapped onto the final grid (r * H / h_k) instead of the raw index.
+        `rope="flat"` (`videoar.rope`): plain 1-D positions (L, 1), token i of the sequence -> i."""
+        if rope == "flat":
+            return torch.arange(self.length, dtype=torch.float32)[:, None]
+        if rope != "temporal":
+            raise ValueError(f"videoar.rope: {rope!r} is not one of {list(ROPE_MODES)}")
         P, (H, W) = self.prefix_len, self.sizes[-1]
         pos = torch.empty(self.length, 3, dtype=torch.float32)
         pos[:P] = torch.arange(P, dtype=torch.float32)[:, None]

@@ -67,15 +67,16 @@ def sample_generator(seed: int, step: int, position: int) -> torch.Generator:
 @torch.no_grad()
 def prepare_batch(quantizer: MultiScaleBitwiseQuantizer, layout: SequenceLayout, latents: torch.Tensor,
                   cond: torch.Tensor, stage: StageConfig, cond_drop: float, p_max: float, p_min: float, delta: float,
-                  generators: list[torch.Generator]) -> MicroBatch:
+                  generators: list[torch.Generator], inherit: bool = True) -> MicroBatch:
     """Inputs and labels for latents (B, T, d, h, w), one generator per sample. p_max = 0 turns error correction
-    off (plain teacher forcing; p_min and delta are ignored then)."""
+    off (plain teacher forcing; p_min, delta and inherit are ignored then); `inherit` is the flip-ratio inheritance
+    across frames (`videoar_train.flip_inherit`)."""
     if p_max <= 0:
         p_max = p_min = delta = 0.0
     inputs, labels, ratios, vis, drop = [], [], [], [], []
     t = latents.shape[1]
     for i, g in enumerate(generators):
-        ec = quantizer.encode_with_error_correction(latents[i:i + 1], p_max, min(p_min, p_max), delta, g)
+        ec = quantizer.encode_with_error_correction(latents[i:i + 1], p_max, min(p_min, p_max), delta, g, inherit)
         inputs.append(ec.inputs)
         labels.append(ec.labels)
         ratios.append(ec.ratios.mean())

@@ -153,15 +153,18 @@ class MultiScaleBitwiseQuantizer(nn.Module):
 
     @torch.no_grad()
     def encode_with_error_correction(self, f: torch.Tensor, p_max: float, p_min: float = 0.0, delta: float = 0.01,
-                                     generator: torch.Generator | None = None) -> ErrorCorrectedBits:
+                                     generator: torch.Generator | None = None, inherit: bool = True
+                                     ) -> ErrorCorrectedBits:
         """Cross-Frame Error Correction on clips f (B, T, d, h, w), DESIGN §3.6:
 
             lo, hi = p_min + delta*t, p_max + delta*t
-            p = U(max(lo, p_prev_final), hi) if k == 0 and t > 0 else U(lo, hi)
+            p = U(max(lo, p_prev_final), hi) if inherit and k == 0 and t > 0 else U(lo, hi)
             label = bits(down(F[t] - acc, s_k)); noisy = label XOR Bernoulli(p); acc += up(code(noisy))
 
-        p_prev_final is the ratio of the previous frame's last scale (which is corrupted too). With p_max = p_min
-        = delta = 0 this is exactly `encode` (plain teacher forcing).
+        p_prev_final is the ratio of the previous frame's last scale (which is corrupted too). `inherit=False`
+        (`videoar_train.flip_inherit`, the ablation) draws U(lo, hi) at every scale; the random draws are the same
+        in number and order either way. With p_max = p_min = delta = 0 this is exactly `encode` (plain teacher
+        forcing).
         """
         if not 0.0 <= p_min <= p_max <= 1.0 or delta < 0:
             raise ValueError(f"flip ratios need 0 <= p_min <= p_max <= 1 and delta >= 0, "
@@ -178,7 +181,7 @@ class MultiScaleBitwiseQuantizer(nn.Module):
             lo, hi = min(1.0, p_min + delta * t), min(1.0, p_max + delta * t)
             acc = torch.zeros_like(f[:, t])
             for k in range(K):
-                floor = torch.maximum(torch.full_like(p_prev, lo), p_prev) if (k == 0 and t > 0) else \
+                floor = torch.maximum(torch.full_like(p_prev, lo), p_prev) if (inherit and k == 0 and t > 0) else \
                     torch.full_like(p_prev, lo)
                 p = floor + (hi - floor) * torch.rand(b, generator=generator, dtype=torch.float64)
                 label, _ = self.quantize_scale(f[:, t] - acc, k)

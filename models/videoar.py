@@ -1,5 +1,6 @@
 """The VideoAR transformer (DESIGN §3.2-3.5): condition prefix + (frame, scale) blocks, block-causal attention with
-Multi-scale Temporal RoPE, LLaMA-style blocks and a bitwise head (2 logits per bit).
+Multi-scale Temporal RoPE (or a flat 1-D RoPE, `videoar.rope=flat`), LLaMA-style blocks and a bitwise head
+(2 logits per bit).
 
 The model sees continuous *features* (B, L_video, d): the accumulated reconstruction before each block,
 down-sampled to the block's size (built by `models.sequence_inputs` in training and by `models.sampler` when
@@ -101,12 +102,12 @@ class LayoutTensors:
 
 
 @lru_cache(maxsize=32)
-def layout_tensors(layout: SequenceLayout, head_dim: int, base: float, stretch: bool,
+def layout_tensors(layout: SequenceLayout, head_dim: int, base: float, stretch: bool, rope: str,
                    device: torch.device = torch.device("cpu")) -> LayoutTensors:
-    """Built once per (layout, device), on the device the model's parameters live on."""
+    """Built once per (layout, RoPE settings, device), on the device the model's parameters live on."""
     _, scale = layout.token_ids()
     first = layout.blocks[0]
-    angles = rope_angles(layout.positions(stretch), head_dim, base).float()
+    angles = rope_angles(layout.positions(stretch, rope), head_dim, base).float()
     return LayoutTensors(scale[layout.prefix_len:].to(device), angles.to(device),
                          block_causal_mask(layout, device=device), slice(0, first.end - layout.prefix_len))
 
@@ -150,7 +151,7 @@ class VideoAR(nn.Module):
         return SequenceLayout(self.cfg.prefix_len, num_frames, tuple(tuple(map(int, s)) for s in sizes))
 
     def tensors(self, layout: SequenceLayout) -> LayoutTensors:
-        return layout_tensors(layout, self.cfg.head_dim, self.cfg.rope_base, self.cfg.rope_stretch,
+        return layout_tensors(layout, self.cfg.head_dim, self.cfg.rope_base, self.cfg.rope_stretch, self.cfg.rope,
                               next(self.parameters()).device)
 
     def prefix(self, cond: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:

@@ -41,6 +41,8 @@ def test_overrides_are_typed_and_win_over_the_file():
     ("data.frames=10", r"data\.frames: must be 1 \+ k \* tokenizer\.temporal_compression \(4\), got 10"),
     ("tokenizer.channel_mult=[1,2]", r"tokenizer\.channel_mult: needs log2\(spatial_compression\) = 3 entries"),
     ("steps=3", r"overrides must look like key\.sub=value|steps: Key 'steps'"),
+    ("videoar.rope=spiral", r"videoar\.rope: 'spiral' is not one of \['temporal', 'flat'\]"),
+    ("videoar_train.flip_inherit=maybe", r"videoar_train\.flip_inherit: Value 'maybe' is not a valid bool"),
 ])
 def test_errors_name_the_field_and_allowed_values(override, expected):
     with pytest.raises(ConfigError, match=expected):

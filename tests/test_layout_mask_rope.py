@@ -1,10 +1,12 @@
 """Sequence layout, block-causal + Random Frame Mask visibility (DESIGN §3.3) and Multi-scale Temporal RoPE
-positions (DESIGN §3.4), each checked against tables written out by hand from the spec."""
+positions (DESIGN §3.4; and the flat 1-D RoPE of the ablation), each checked against tables written out by hand
+from the spec."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from models.attention_mask import block_causal_mask, frame_visibility
@@ -108,3 +110,22 @@ def test_rope_axis_split_and_relative_property():
     # rotary scores depend only on the position difference, on every axis
     assert torch.allclose(score(pos[:1], pos[1:]), score(pos[:1] + shift, pos[1:] + shift))
     assert torch.allclose(apply_rope(q[None], rope_angles(pos[:1], head_dim)).norm(), q.norm())
+
+
+def test_flat_rope_is_standard_1d_rope_over_the_sequence():
+    """videoar.rope=flat: token i of the sequence (prefix included) at position i, every pair on that one axis
+    with frequency base^(-j/n), n = head_dim/2; checked against a rotation written out by hand."""
+    pos = LAYOUT.positions(rope="flat")
+    assert pos.shape == (17, 1) and pos[:, 0].tolist() == list(range(17))
+    assert LAYOUT.positions(rope_stretch=True, rope="flat").equal(pos)  # stretch only concerns the temporal axes
+    assert axis_pairs(12, axes=1) == (6,)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)  # head_dim 4: pair 0 freq 1, pair 1 freq 1/100
+    got = apply_rope(x[None], rope_angles(pos[5:6], 4))[0]
+    a0, a1 = 5.0, 5.0 / 100
+    hand = [1 * math.cos(a0) - 2 * math.sin(a0), 1 * math.sin(a0) + 2 * math.cos(a0),
+            3 * math.cos(a1) - 4 * math.sin(a1), 3 * math.sin(a1) + 4 * math.cos(a1)]
+    assert torch.allclose(got, torch.tensor(hand, dtype=torch.float64), rtol=0, atol=1e-12)
+    ang = rope_angles(pos, 12)
+    assert torch.allclose(ang, pos.double() * 10000 ** (-torch.arange(6, dtype=torch.float64) / 6))
+    with pytest.raises(ValueError, match=r"videoar\.rope: 'spiral' is not one of \['temporal', 'flat'\]"):
+        LAYOUT.positions(rope="spiral")

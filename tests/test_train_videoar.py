@@ -170,3 +170,21 @@ def test_heldout_evaluation_is_plain_teacher_forcing_on_unseen_clips_and_leaves_
         assert r["eval/loss"] < math.log(2) and 0.5 < r["eval/bit_acc"] < 1
     assert [eval_count(10, 2, 2), eval_count(3, 2, 2), eval_count(1, 2, 2), eval_count(10, 1, 1, limit=3),
             eval_count(7, 2, 4)] == [(8, 2), (2, 1), (0, 0), (3, 1), (6, 3)]
+
+
+def test_ablation_switches_reach_the_model_and_the_objective(clips_dir, tokenizer_ckpt, tmp_path):
+    """videoar.rope=flat builds a flat-RoPE model; videoar_train.flip_inherit=false reaches Cross-Frame Error
+    Correction: the same seeded draws give a lower mean flip ratio (a lower floor on each frame's first scale)."""
+    import json
+    stage = ("curriculum=[{name: s, until_step: 2, resolution: [32, 32], frames: 13, scales: [1, 2, 4], "
+             "global_batch: 4, micro_batch: 4, flip_start: 0.2, flip_end: 0.2}]")
+    ratios = {}
+    for name, extra in (("on", []), ("off", ["videoar.rope=flat", "videoar_train.flip_inherit=false"])):
+        trainer = VideoARTrainer(make_cfg(clips_dir, tokenizer_ckpt, tmp_path / name, stage, *extra), progress=False)
+        trainer.train()
+        recs = (tmp_path / name / "videoar" / "metrics.jsonl").read_text().splitlines()
+        ratios[name] = [json.loads(line)["flip_ratio"] for line in recs]
+        layout = trainer.model.layout_for(4, trainer.quantizer.sizes)
+        first_pair = trainer.model.tensors(layout).angles[:, 0]  # flat: the sequence index; temporal: frame + P
+        assert (first_pair.tolist() == list(range(layout.length))) == (name == "off")
+    assert len(ratios["on"]) == 2 and all(a > b for a, b in zip(ratios["on"], ratios["off"])), ratios

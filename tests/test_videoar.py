@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -48,10 +50,10 @@ def test_targets_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(bits, back))
 
 
-@pytest.mark.parametrize("cond", ["class", "text"])
-def test_kv_cached_logits_equal_full_sequence_logits(cond):
+@pytest.mark.parametrize("cond, rope", [("class", "temporal"), ("text", "temporal"), ("text", "flat")])
+def test_kv_cached_logits_equal_full_sequence_logits(cond, rope):
     """Tolerance: 1e-5 absolute on logits of O(1) (fp32; only summation order differs)."""
-    model = tiny_model(cond)
+    model = tiny_model(cond, rope=rope)
     q = MultiScaleBitwiseQuantizer(D, QuantizerConfig(scales=[1, 2, 3, 4]))
     bits = random_bits(q, 2, 3)
     feats = teacher_forcing_features(q, bits)
@@ -64,10 +66,25 @@ def test_kv_cached_logits_equal_full_sequence_logits(cond):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
 
 
-def test_sampler_inputs_mirror_teacher_forcing():
+def test_flat_rope_changes_the_model_output():
+    """videoar.rope=flat on the same weights and layout gives other logits (and its own cached angles)."""
+    temporal = tiny_model("text")
+    flat = VideoAR(dataclasses.replace(temporal.cfg, rope="flat"), D).eval()
+    flat.load_state_dict(temporal.state_dict())
+    q = MultiScaleBitwiseQuantizer(D, QuantizerConfig(scales=[1, 2, 4]))
+    feats, c = teacher_forcing_features(q, random_bits(q, 2, 3, seed=2)), torch.randn(2, 4, 12)
+    layout = temporal.layout_for(3, q.sizes)
+    out_t, out_f = temporal(c, feats, layout), flat(c, feats, layout)
+    assert flat.tensors(layout).angles[:, 0].tolist() == list(range(layout.length))  # pair 0 of the flat axis
+    assert not torch.equal(temporal.tensors(layout).angles, flat.tensors(layout).angles)
+    assert (out_t - out_f).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("rope", ["temporal", "flat"])
+def test_sampler_inputs_mirror_teacher_forcing(rope):
     """Sampling with every frame given feeds the model exactly the teacher-forcing features: the logits of each
     block equal the full forward's."""
-    model = tiny_model()
+    model = tiny_model(rope=rope)
     q = MultiScaleBitwiseQuantizer(D, QuantizerConfig(scales=[1, 2, 4]))
     bits = random_bits(q, 2, 3, seed=1)
     c = torch.tensor([1, 0])

@@ -143,7 +143,7 @@ class VideoARTrainer:
         layout = self.model.layout_for(batch.latents.shape[1], q.sizes)
         gens = [sample_generator(self.cfg.run.seed, st.step, j) for j in batch.positions]
         micro = prepare_batch(q, layout, batch.latents.to(self.device), batch.cond.to(self.device), stage,
-                              self.cfg.videoar.cond_drop, p_max, t.flip_p_min, t.flip_delta, gens)
+                              self.cfg.videoar.cond_drop, p_max, t.flip_p_min, t.flip_delta, gens, t.flip_inherit)
         t2 = clock(self.device)
         lr = self.engine.lr
         objective = BitObjective(layout.length - layout.prefix_len, scale_loss_weights(layout, t.scale_loss_weight))
