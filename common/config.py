@@ -49,6 +49,7 @@ class DataConfig:
     clips_dir: str = "runs/demo/clips"  # a folder of .mp4 clips (+ optional .json/.txt captions)
     synth_clips: int = 24  # the demo generates this many synthetic clips into clips_dir when it is empty
     synth_frames: int = 33  # length of each generated clip
+    synth_world: str = "full"  # easy | medium | full: what the generated clips contain (data_pipeline/synth.py)
     frames: int = 9  # frames per training clip: 1 + k * tokenizer.temporal_compression
     resolution: list[int] = field(default_factory=lambda: [64, 64])  # [height, width] after resize + center crop
     fps: float = 8.0
@@ -65,6 +66,7 @@ class DataConfig:
         check(self.frames >= 1, "data.frames", f"must be >= 1, got {self.frames}")
         check(self.synth_frames >= self.frames, "data.synth_frames",
               f"must be >= data.frames ({self.frames}), got {self.synth_frames}")
+        check_choice("data.synth_world", self.synth_world, ("easy", "medium", "full"))
         check(self.heldout_clips >= 1, "data.heldout_clips", f"must be >= 1, got {self.heldout_clips}")
         check(self.fps > 0, "data.fps", f"must be > 0, got {self.fps}")
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.atomic import atomic_write_text
@@ -132,6 +133,16 @@ class MetricSinks:
                 self.tb.add_scalar(key, v, step)
         if self._latest is not None:  # keys missing from this record (eval/*) keep their last value
             self._latest.values = {**self._latest.values, "step": float(step), **values}
+
+    def log_image(self, tag: str, png: str | Path, step: int) -> None:
+        """A PNG (a contact sheet of samples or reconstructions) as a TensorBoard image; JSONL and Prometheus
+        carry numbers only."""
+        if self.tb is None:
+            return
+        from PIL import Image
+
+        with Image.open(png) as im:
+            self.tb.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
 
     def flush(self) -> None:
         if self.tb is not None:

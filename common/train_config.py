@@ -106,6 +106,9 @@ class VideoARTrainConfig:
     sample_ledger: bool = False  # each rank appends the sample keys of every step to samples/rank-XXXXX.jsonl
     eval_every: int = 0  # held-out bit loss/accuracy every this many steps and at the end (trainer/evaluate.py); 0 = off
     eval_samples: int = 0  # at most this many held-out samples per evaluation; 0 = all
+    quality_eval: bool = False  # at every stage end, rank 0 samples the held-out captions from the checkpoint just
+    #                             written and logs quality/* (caption colour/shape/direction/presence; trainer/quality.py)
+    quality_samples: int = 16  # held-out captions sampled per quality evaluation (distinct ones)
 
     def __post_init__(self) -> None:
         p = "videoar_train"
@@ -113,6 +116,7 @@ class VideoARTrainConfig:
             check(getattr(self, name) >= 1, f"{p}.{name}", f"must be >= 1, got {getattr(self, name)}")
         check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, f"{p}.lr/min_lr_ratio", "need lr > 0, ratio in [0, 1]")
         check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
+        check(self.quality_samples >= 1, f"{p}.quality_samples", f"must be >= 1, got {self.quality_samples}")
         check(self.eval_every >= 0 and self.eval_samples >= 0, f"{p}.eval_every/eval_samples", "must be >= 0")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas",
               f"must be two numbers in [0, 1), got {list(self.betas)}")

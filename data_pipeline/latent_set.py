@@ -40,6 +40,10 @@ class LatentSet:
     def key(self, i: int) -> str:
         return f"window-{i:06d}"
 
+    def texts(self, indices: list[int]) -> list[str]:
+        """Captions of samples (the same method as ShardSet's)."""
+        return [self.captions[i] for i in indices]
+
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.tensor(indices, dtype=torch.long)
         cond = self.cond[idx]

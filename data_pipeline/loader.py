@@ -75,6 +75,10 @@ class ShardSet:
             self._prefetched.pop(i, None)
         return out
 
+    def texts(self, indices: list[int]) -> list[str]:
+        """Captions of samples (their `.txt` member; "" without one)."""
+        return [s.get("txt", "") for s in self.samples(indices)]
+
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents float32 (B, T', d, h, w), condition: text states float32 (B, P, D) or class ids (B,))."""
         samples = self.samples(indices)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import textwrap
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterator, Sequence
@@ -215,10 +216,12 @@ def write_video(path: str | os.PathLike, frames, fps: float = 8, crf: int = 18) 
 
 
 def write_contact_sheet(path: str | os.PathLike, rows: Sequence[np.ndarray] | np.ndarray, max_frames: int = 8,
-                        labels: Sequence[str] | None = None) -> None:
+                        labels: Sequence[str] | None = None, label_chars: int = 0, min_cell: int = 0) -> None:
     """PNG grid, one clip per row with up to `max_frames` evenly spaced frames, for eyeballing data and samples.
 
-    Layout: 2 px gaps around every cell; label column (if any) on the left; cells sized to the largest frame.
+    Layout: 2 px gaps around every cell; label column (if any) on the left, each label wrapped at `label_chars`
+    characters (0: one line), so a whole caption stays readable; cells sized to the largest frame, small frames
+    enlarged (nearest) to at least `min_cell` pixels.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -229,17 +232,22 @@ def write_contact_sheet(path: str | os.PathLike, rows: Sequence[np.ndarray] | np
         raise ValueError(f"{path}: contact sheet needs at least one row")
     if labels is not None and len(labels) != len(clips):
         raise ValueError(f"{path}: {len(labels)} labels for {len(clips)} rows")
+    zoom = max(1, -(-min_cell // max(c.shape[1] for c in clips)))
+    clips = [c.repeat(zoom, axis=1).repeat(zoom, axis=2) for c in clips] if zoom > 1 else clips
     cell_h = max(c.shape[1] for c in clips)
     cell_w = max(c.shape[2] for c in clips)
     ncols = min(max_frames, max(c.shape[0] for c in clips))
     font = ImageFont.load_default()
-    label_w = max(int(font.getbbox(str(text))[2]) for text in labels) + 2 * gap if labels else 0
+    if labels is not None:
+        labels = ["\n".join(textwrap.wrap(str(t), label_chars)) if label_chars else str(t) for t in labels]
+    label_w = max(int(font.getbbox(line)[2]) for t in labels for line in t.splitlines() or [""]) + 2 * gap \
+        if labels else 0
     sheet = Image.new("RGB", (label_w + ncols * (cell_w + gap) + gap, len(clips) * (cell_h + gap) + gap), "white")
     draw = ImageDraw.Draw(sheet)
     for row, clip in enumerate(clips):
         y = gap + row * (cell_h + gap)
         if labels:
-            draw.text((gap, y + 2), str(labels[row]), fill="black", font=font)
+            draw.multiline_text((gap, y + 2), labels[row], fill="black", font=font, spacing=2)
         picks = np.linspace(0, len(clip) - 1, min(ncols, len(clip))).round().astype(int)
         for col, index in enumerate(picks):
             sheet.paste(Image.fromarray(clip[index]), (label_w + gap + col * (cell_w + gap), y))

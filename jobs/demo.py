@@ -48,12 +48,14 @@ def finished_tokenizer(cfg: Config) -> TokenizerRun | None:
         _, saved, step = load_tokenizer(out / "checkpoint")
     except (FileNotFoundError, ValueError):
         return None
-    psnrs = [r["heldout_psnr"] for r in _metric_steps(out / "metrics.jsonl") if "heldout_psnr" in r]
+    evals = [r for r in _metric_steps(out / "metrics.jsonl") if "heldout/psnr" in r]
     same = all(getattr(saved, k) == getattr(cfg, k) for k in ("data", "tokenizer", "quantizer", "tokenizer_train"))
-    if step != cfg.tokenizer_train.steps or not same or len(psnrs) < 2:
+    if step != cfg.tokenizer_train.steps or not same or len(evals) < 2:
         return None
     print("      reusing the finished tokenizer of an earlier run", flush=True)
-    return TokenizerRun(psnrs[0], psnrs[-1], out / "checkpoint", out / "recon" / "reconstructions.png", [])
+    quality = {k.split("/", 1)[1]: v for k, v in evals[-1].items() if k.startswith("heldout/")}
+    return TokenizerRun(evals[0]["heldout/psnr"], evals[-1]["heldout/psnr"], quality, out / "checkpoint",
+                        out / "recon" / "reconstructions.png", [])
 
 
 def train_with_preemption(cfg: Config, preempt_at: int) -> tuple[int, float]:

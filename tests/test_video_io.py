@@ -194,6 +194,13 @@ def test_contact_sheet_layout_and_frame_choice(tmp_path):
     with Image.open(labelled) as image:
         width, height = image.size
     assert height == 3 * 18 + 2 and width > 5 * (24 + 2) + 2 + 10  # all 5 frames plus a label column
+    # a long caption wraps inside the label column; small frames are enlarged to min_cell
+    wrapped = tmp_path / "wrapped.png"
+    write_contact_sheet(wrapped, clips, max_frames=8, labels=["a red circle moving up over gray"] * 3,
+                        label_chars=8, min_cell=48)
+    with Image.open(wrapped) as image:
+        assert image.size[1] == 3 * (48 + 2) + 2 and image.size[0] < 5 * (72 + 2) + 2 + 100
+    wrapped.unlink()
 
     single = tmp_path / "single.png"
     write_contact_sheet(single, clips[0], max_frames=2)

@@ -39,7 +39,7 @@ class HeldOutEvaluator:
         self.trainer, self.load = trainer, load_stage_data
         self._stage, self._data, self._warned = -1, None, set()
 
-    def _data_for(self, index: int):
+    def data_for(self, index: int):
         if index != self._stage:
             self._data, self._stage = self.load(self.trainer.curriculum.stages[index]), index
         return self._data
@@ -47,7 +47,7 @@ class HeldOutEvaluator:
     def evaluate(self, index: int, quantizer) -> dict[str, float]:
         tr = self.trainer
         cfg, topo, stage = tr.cfg, tr.topo, tr.curriculum.stages[index]
-        data = self._data_for(index)
+        data = self.data_for(index)
         n, micro = eval_count(len(data), topo.dp, stage.micro_batch, cfg.videoar_train.eval_samples)
         if n == 0:
             if index not in self._warned and topo.rank == 0:

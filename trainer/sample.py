@@ -101,10 +101,11 @@ def given_bits(tokenizer: VideoTokenizer, quantizer, init: str | Path, init_fram
 
 def generate(model: VideoAR, cfg: Config, tokenizer: VideoTokenizer, cond: torch.Tensor, sampling: SamplingConfig,
              stage: StageConfig, init: str | Path | None = None, init_frames: int = 1, seed: int = 0,
-             ) -> tuple[torch.Tensor, int]:
-    """Decoded videos (B, 3, T, H, W) in [-1, 1] and the number of transformer forwards."""
+             frames: int | None = None) -> tuple[torch.Tensor, int]:
+    """Decoded videos (B, 3, T, H, W) in [-1, 1] and the number of transformer forwards; `frames` video frames
+    (1 + k * tau; default: the stage's), e.g. twice the trained length to see how a continuation drifts."""
     quantizer = tokenizer.quantizer.for_sizes(stage.sizes)
-    num_latent = tokenizer.latent_frames(stage.frames)
+    num_latent = tokenizer.latent_frames(frames or stage.frames)
     given = None if init is None else given_bits(tokenizer, quantizer, init, init_frames, stage, cond.shape[0])
     res = sample(model, quantizer, cond, num_latent, sampling, given, torch.Generator().manual_seed(seed))
     video = tokenizer.decode_latent(res.latent.transpose(1, 2))
@@ -112,39 +113,55 @@ def generate(model: VideoAR, cfg: Config, tokenizer: VideoTokenizer, cond: torch
 
 
 def write_samples(frames: np.ndarray, out_dir: str | Path, fps: float, labels: list[str]) -> tuple[list[Path], Path]:
-    """uint8 videos (B, T, H, W, 3) as sample-XX.mp4 plus a contact sheet."""
+    """uint8 videos (B, T, H, W, 3) as sample-XX.mp4 plus a contact sheet: one row per sample, its caption (or
+    class) in the label column."""
     out_dir = Path(out_dir)
     paths = []
     for i, clip in enumerate(frames):
         paths.append(out_dir / f"sample-{i:02d}.mp4")
         write_video(paths[-1], clip, fps=fps)
     sheet = out_dir / "samples.png"
-    write_contact_sheet(sheet, list(frames), labels=[s[:40] for s in labels])
+    write_contact_sheet(sheet, list(frames), labels=labels, label_chars=30, min_cell=96)
     return paths, sheet
+
+
+def sample_model_to_files(model: VideoAR, cfg: Config, step: int, tokenizer: VideoTokenizer, out_dir: str | Path,
+                          prompts: list[str] = (), class_ids: list[int] = (), sampling: dict | None = None,
+                          stage: StageConfig | None = None, init: str | Path | None = None, init_frames: int = 1,
+                          seed: int = 0, frames: int | None = None) -> Samples:
+    """Sample a model in memory (trained `step` steps with `cfg`) into .mp4 files, each with a JSON sidecar
+    (prompt or class, seed, sampling, checkpoint step, stage, init, caption scores), and a contact sheet."""
+    device = next(model.parameters()).device
+    stage = stage or cfg.curriculum[-1]
+    cond = condition(model, list(prompts), list(class_ids)).to(device)
+    sampling_cfg = replace(cfg.sample, **(sampling or {}))  # the run's defaults, overridden per call
+    video, forwards = generate(model, cfg, tokenizer, cond, sampling_cfg, stage, init, init_frames, seed, frames)
+    labels = list(prompts) if prompts else [f"class {i}" for i in class_ids]
+    frames_u8 = to_uint8_frames(video)
+    paths, sheet = write_samples(frames_u8, out_dir, cfg.data.fps, labels)
+    scores = [caption_scores(f, p) for f, p in zip(frames_u8, prompts)] if prompts else [None] * len(paths)
+    for i, path in enumerate(paths):  # what made each video, and how it scores against its caption
+        meta = {"prompt": prompts[i]} if prompts else {"class": class_ids[i]}
+        meta.update(seed=seed, sampling=asdict(sampling_cfg), checkpoint_step=step, stage=stage.name,
+                    frames=int(frames_u8.shape[1]), init=str(init) if init else None,
+                    init_frames=init_frames if init else 0, metrics=scores[i])
+        atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
+    log.info("step %d: %d samples, %d forwards", step, len(paths), forwards)
+    return Samples(paths, sheet, frames_u8, forwards, scores)
 
 
 def sample_to_files(ckpt: str | Path, out_dir: str | Path, prompts: list[str] = (), class_ids: list[int] = (),
                     sampling: dict | None = None, stage_name: str | None = None,
                     init: str | Path | None = None, init_frames: int = 1, seed: int = 0,
-                    tokenizer_ckpt: str | Path | None = None, device: str = "cpu") -> Samples:
+                    tokenizer_ckpt: str | Path | None = None, device: str = "cpu", frames: int | None = None
+                    ) -> Samples:
+    """`sample_model_to_files` of a checkpoint (newest committed step of a root, a step directory or a
+    consolidated file) with the tokenizer it was trained with."""
     device = rank_device(device)
     model, cfg, step = load_videoar(ckpt, str(device))
     tokenizer, _, _ = load_tokenizer(tokenizer_ckpt or cfg.videoar_train.tokenizer_ckpt, str(device))
-    stage = pick_stage(cfg, stage_name)
-    cond = condition(model, list(prompts), list(class_ids)).to(device)
-    sampling_cfg = replace(cfg.sample, **(sampling or {}))  # the run's defaults, overridden per call
-    video, forwards = generate(model, cfg, tokenizer, cond, sampling_cfg, stage, init, init_frames, seed)
-    labels = list(prompts) if prompts else [f"class {i}" for i in class_ids]
-    frames = to_uint8_frames(video)
-    paths, sheet = write_samples(frames, out_dir, cfg.data.fps, labels)
-    scores = [caption_scores(f, p) for f, p in zip(frames, prompts)] if prompts else [None] * len(paths)
-    for i, path in enumerate(paths):  # what made each video, and how it scores against its caption
-        meta = {"prompt": prompts[i]} if prompts else {"class": class_ids[i]}
-        meta.update(seed=seed, sampling=asdict(sampling_cfg), checkpoint_step=step, stage=stage.name,
-                    init=str(init) if init else None, init_frames=init_frames if init else 0, metrics=scores[i])
-        atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
-    log.info("step %d: %d samples, %d forwards", step, len(paths), forwards)
-    return Samples(paths, sheet, frames, forwards, scores)
+    return sample_model_to_files(model, cfg, step, tokenizer, out_dir, prompts, class_ids, sampling,
+                                 pick_stage(cfg, stage_name), init, init_frames, seed, frames)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, help="per-bit nucleus threshold")
     parser.add_argument("--stage", help="curriculum stage whose resolution/length/scales to use (default: last)")
     parser.add_argument("--tokenizer", help="tokenizer checkpoint (default: the one the run was trained with)")
+    parser.add_argument("--frames", type=int, help="video frames to generate, 1 + k * tau (default: the stage's "
+                                                   "length; longer = continuation beyond the trained length)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to sample (cuda: cuda:0)")
     parser.add_argument("--out", default=None, help="output directory (default: <run.dir>/samples when --ckpt is "
@@ -173,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                                        ("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
         out_dir = args.out or Path(args.ckpt).resolve().parent.parent / "samples"
         out = sample_to_files(args.ckpt, out_dir, args.prompt, args.class_id, overrides, args.stage, args.init,
-                              args.init_frames, args.seed, args.tokenizer, args.device)
+                              args.init_frames, args.seed, args.tokenizer, args.device, args.frames)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     print(f"{len(out.videos)} samples ({out.forwards} transformer forwards): "

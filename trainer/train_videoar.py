@@ -36,6 +36,7 @@ from trainer.curriculum import Curriculum
 from trainer.evaluate import HeldOutEvaluator
 from trainer.flops import measure_peak_flops, train_step_flops
 from trainer.preemption import EXIT_PREEMPTED, PreemptionFlag
+from trainer.quality import stage_end_quality
 from trainer.step_metrics import PER_RANK, clock, peak_memory_gb, throughput
 from trainer.videoar_data import load_frozen_tokenizer, out_dir, stage_data, wait_for_stage_data
 
@@ -225,6 +226,12 @@ class VideoARTrainer:
             t_eval = time.perf_counter()
             rec.update(self.evaluate())
             rec["time/eval_s"] = time.perf_counter() - t_eval
+        stage_end = step == end or cur.index(step) != cur.index(step - 1)
+        if self.cfg.videoar_train.quality_eval and stage_end and not run.preempted:
+            t_quality = time.perf_counter()
+            rec.update(stage_end_quality(self, step, sinks))
+            rec["time/quality_s"] = time.perf_counter() - t_quality
+            evaluated = True
         if step % self.cfg.videoar_train.log_every == 0 or step == end or run.preempted or evaluated:
             rec = self.finish_record(rec)
             if sinks:

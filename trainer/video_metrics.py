@@ -104,3 +104,32 @@ def drift_curve(generated: torch.Tensor, real: torch.Tensor) -> list[float]:
     t = min(generated.shape[2], real.shape[2])
     err = ((generated[:, :, :t] - real[:, :, :t]).abs() / 2).mean(dim=(0, 1, 3, 4))
     return [float(e) for e in err]
+
+
+def load_feature_extractor(path: str) -> torch.jit.ScriptModule:
+    """A user-supplied TorchScript video network for FVD (e.g. an I3D exported with torch.jit.trace/script):
+    videos (B, 3, T, H, W) in [-1, 1] -> features (B, D). None ships here (no downloaded weights). TorchScript is
+    code as well as weights: load only files you trust."""
+    try:
+        return torch.jit.load(path, map_location="cpu").eval()
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a loadable TorchScript module ({str(e).splitlines()[0]})") from None
+
+
+@torch.no_grad()
+def video_features(extractor: torch.nn.Module, videos: list[np.ndarray]) -> np.ndarray:
+    """(N, D) features of uint8 videos (T, H, W, 3), one forward per video (lengths may differ)."""
+    feats = []
+    for v in videos:
+        x = torch.from_numpy(np.ascontiguousarray(v)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        f = extractor(x)
+        if not isinstance(f, torch.Tensor) or f.dim() != 2 or f.shape[0] != 1:
+            raise ValueError(f"the feature extractor must return (B, D) features, got "
+                             f"{getattr(f, 'shape', type(f).__name__)}")
+        feats.append(f[0].double().numpy())
+    return np.stack(feats)
+
+
+def fvd(extractor: torch.nn.Module, generated: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """Fréchet video distance: `frechet_distance` of the extractor's features of the two sets of videos."""
+    return frechet_distance(video_features(extractor, generated), video_features(extractor, reference))

@@ -1,0 +1,150 @@
+"""Does the trained VideoAR make the videos its captions ask for? (issue 15) Sampled, then scored without any
+downloaded weights:
+
+- text-to-video for held-out captions: colour, shape and direction accuracy of the named object and its presence
+  across frames (trainer/video_metrics.py `caption_scores`, detectors from the synthetic world's rules);
+- image-to-video from held-out clips: per-frame error of the continuation against the real clip (drift), up to
+  `horizon` times the trained length, read off at the last trained frame and at the end.
+
+Used by `python -m trainer.evaluate_videos --ckpt`, by the trainer at stage ends (videoar_train.quality_every_stage),
+by the demo summary and by `python -m benchmarks.ablation`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.atomic import atomic_write_text
+from common.config import Config
+from data_pipeline.clips import read_caption, to_model_input
+from data_pipeline.video_io import read_video
+from models.tokenizer import VideoTokenizer
+from models.videoar import VideoAR
+from trainer.curriculum import StageConfig
+from parallel.collectives import barrier
+from trainer.sample import load_videoar, sample_model_to_files
+from trainer.video_metrics import drift_curve, mean_scores, parse_caption
+
+log = logging.getLogger("quality")
+
+
+@dataclass
+class QualityReport:
+    scores: dict[str, float]  # mean caption scores: color, shape, direction, present, present_90, videos
+    drift: list[float] = field(default_factory=list)  # per video frame, mean over the image-to-video clips
+    trained_frames: int = 0  # the stage's clip length: drift[trained_frames - 1] is the last trained frame
+    contact_sheet: Path | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """Flat `quality/*` numbers for the metric sinks and tables."""
+        out = {f"quality/{k}": float(v) for k, v in self.scores.items()}
+        if self.drift:
+            out["quality/drift_trained"] = self.drift[min(self.trained_frames, len(self.drift)) - 1]
+            out["quality/drift_end"] = self.drift[-1]
+            out["quality/drift_frames"] = float(len(self.drift))
+        return out
+
+
+def unique_captions(captions: list[str], limit: int) -> list[str]:
+    """The first `limit` distinct captions, in order (held-out clips may repeat one)."""
+    return list(dict.fromkeys(captions))[:limit]
+
+
+@torch.no_grad()
+def caption_quality(model: VideoAR, cfg: Config, step: int, tokenizer: VideoTokenizer, stage: StageConfig,
+                    prompts: list[str], out_dir: Path, seed: int) -> tuple[dict[str, float], Path]:
+    """(mean caption scores, contact sheet) of text-to-video samples of `prompts`, written to `out_dir`."""
+    samples = sample_model_to_files(model, cfg, step, tokenizer, out_dir, prompts=prompts, stage=stage, seed=seed)
+    return mean_scores(samples.scores), samples.contact_sheet
+
+
+@torch.no_grad()
+def drift_quality(model: VideoAR, cfg: Config, step: int, tokenizer: VideoTokenizer, stage: StageConfig,
+                  clips: list[Path], out_dir: Path, seed: int, horizon: int = 2) -> list[float]:
+    """Per-frame drift (mean absolute error in [0, 1] units) of image-to-video continuations of `clips` (first
+    frame given, caption as the condition) against the real clips, over `horizon` x the trained length (as far
+    as the clips reach)."""
+    tau = tokenizer.cfg.temporal_compression
+    want = 1 + horizon * (stage.frames - 1)
+    curves = []
+    for i, clip in enumerate(clips):
+        real = read_video(clip, num_frames=want, size=tuple(stage.resolution))
+        frames = 1 + (len(real) - 1) // tau * tau  # the longest 1 + k * tau the clip covers
+        prompts, class_ids = ([read_caption(clip)], []) if cfg.videoar.cond == "text" else ([], [0])
+        gen = sample_model_to_files(model, cfg, step, tokenizer, out_dir / f"clip-{i:02d}", prompts, class_ids,
+                                    stage=stage, init=clip, init_frames=1, seed=seed, frames=frames)
+        generated = to_model_input(gen.frames[0])
+        curves.append(drift_curve(generated, to_model_input(real[:frames])))
+    n = min(len(c) for c in curves) if curves else 0
+    return [float(np.mean([c[t] for c in curves])) for t in range(n)]
+
+
+def evaluate_quality(model: VideoAR, cfg: Config, step: int, tokenizer: VideoTokenizer, out_dir: str | Path,
+                     prompts: list[str], drift_clips: list[Path] = (), stage: StageConfig | None = None,
+                     seed: int = 0, horizon: int = 2) -> QualityReport:
+    """Caption scores of `prompts` and drift over `drift_clips`; samples under out_dir/{text-to-video,
+    image-to-video}/, the numbers in out_dir/quality.json."""
+    out_dir, stage = Path(out_dir), stage or cfg.curriculum[-1]
+    was_training = model.training
+    model.eval()
+    try:
+        scores, sheet = caption_quality(model, cfg, step, tokenizer, stage, prompts, out_dir / "text-to-video", seed) \
+            if prompts else ({}, None)
+        drift = drift_quality(model, cfg, step, tokenizer, stage, list(drift_clips), out_dir / "image-to-video", seed,
+                              horizon) if drift_clips else []
+    finally:
+        model.train(was_training)
+    report = QualityReport(scores, drift, stage.frames, sheet)
+    atomic_write_text(out_dir / "quality.json", json.dumps({"step": step, "stage": stage.name, "prompts": prompts,
+                                                            "drift_clips": [str(c) for c in drift_clips],
+                                                            "drift": drift, **report.metrics()}, indent=1) + "\n")
+    return report
+
+
+def describe(report: QualityReport) -> str:
+    """One line for summaries: 'colour 0.94, shape 0.62, direction 0.81, object in >= 90% of frames 0.94 (16
+    videos); drift 0.031 at frame 9, 0.055 at frame 17'."""
+    s = report.scores
+    text = (f"colour {s['color']:.2f}, shape {s['shape']:.2f}, direction {s['direction']:.2f}, object in >= 90% "
+            f"of frames {s['present_90']:.2f} ({int(s['videos'])} videos)") if s else "no synthetic-world captions"
+    if report.drift:
+        m = report.metrics()
+        text += (f"; drift {m['quality/drift_trained']:.3f} at frame {min(report.trained_frames, len(report.drift))}"
+                 f", {m['quality/drift_end']:.3f} at frame {len(report.drift)}")
+    return text
+
+
+def stage_end_quality(trainer, step: int, sinks) -> dict[str, float]:
+    """videoar_train.quality_eval at a stage end: rank 0 samples the stage's distinct held-out captions from the
+    checkpoint of `step` (any parallel layout saved it) and logs the contact sheet to TensorBoard; every rank
+    waits for it at a barrier. Returns rank 0's quality/* metrics ({} on other ranks or without held-out data)."""
+    out: dict[str, float] = {}
+    trainer.checkpoints.wait()  # the step's checkpoint is committed
+    if trainer.topo.rank == 0:
+        index = trainer.curriculum.index(step - 1)
+        stage = trainer.curriculum.stages[index]
+        d = trainer.cfg.data
+        no_data = (d.shards and not d.eval_shards) or trainer.cfg.videoar.cond != "text"  # captions score text
+        data = None if no_data else trainer.evaluator.data_for(index)
+        prompts = unique_captions(data.texts(list(range(len(data)))), trainer.cfg.videoar_train.quality_samples) \
+            if data is not None and len(data) else []
+        if not any(parse_caption(p) for p in prompts):
+            log.warning("stage %s: no held-out synthetic-world captions (a text-conditioned model and held-out data, "
+                        "data.eval_shards when training reads shards, are needed); quality evaluation skipped",
+                        stage.name)
+        else:
+            model, cfg, _ = load_videoar(trainer.checkpoints.root / f"step-{step:08d}", str(trainer.device))
+            report = evaluate_quality(model, cfg, step, trainer.tokenizer, trainer.checkpoints.root.parent / "quality"
+                                      / f"step-{step:08d}", prompts, stage=stage, seed=cfg.run.seed)
+            out = report.metrics()
+            log.info("quality at step %d (stage %s): %s", step, stage.name, describe(report))
+            if sinks is not None and report.contact_sheet is not None:
+                sinks.log_image(f"quality/samples/{stage.name}", report.contact_sheet, step)
+    barrier()
+    return out
