@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,33 +120,46 @@ class Config:
         return Path(self.run.dir)
 
 
-def _build(layers: list[Any], source: str | Path | None = None) -> Config:
-    """Merge OmegaConf layers into a validated Config; OmegaConf's errors become ConfigErrors naming the key."""
+def _build(layers: list[Any], source: str | Path | None = None, items: list[str] = ()) -> Config:
+    """Merge OmegaConf layers into a validated Config; OmegaConf's errors become ConfigErrors naming the key.
+    `items`: `list.N.key=value` overrides of list elements (e.g. curriculum.1.until_step=900), applied last."""
     try:
         schema = OmegaConf.structured(Config)
         # the schema's nested defaults come from instances whose __post_init__ already filled the model sizes from
         # the default preset; unset them so the preset chosen in the YAML/CLI decides (explicit sizes still win)
         for name in PRESET_SIZES:
             schema.videoar[name] = None
-        return OmegaConf.to_object(OmegaConf.merge(schema, *layers))
+        merged = OmegaConf.merge(schema, *layers)
+        for item in items:
+            key, value = item.split("=", 1)
+            if OmegaConf.select(merged, key, default=_MISSING) is _MISSING:
+                raise ConfigError(f"{key}: no such list element or key (override {item!r})")
+            OmegaConf.update(merged, key, yaml.safe_load(value), merge=False)
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "config"
         raise ConfigError(f"{key}: {str(e).splitlines()[0]}" + (f" (in {source})" if source else "")) from None
 
 
+_MISSING = object()
+_LIST_ITEM = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\.\d+(\.|=)")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file <- overrides (`key.sub=value`), validated into a `Config`."""
+    """Defaults <- YAML file <- overrides (`key.sub=value`; `curriculum.1.key=value` for one list element),
+    validated into a `Config`."""
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"config file {path} does not exist")
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+    items = [o for o in overrides if _LIST_ITEM.match(o)]  # e.g. curriculum.1.until_step=900
     try:
         file_layer = [OmegaConf.load(path)] if path is not None else []
-        override_layer = OmegaConf.from_dotlist(list(overrides))
+        override_layer = OmegaConf.from_dotlist([o for o in overrides if o not in items])
     except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise ConfigError(f"{path or 'overrides'}: {str(e).splitlines()[0]}") from None
-    return _build(file_layer + [override_layer], path)
+    return _build(file_layer + [override_layer], path, items)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -58,9 +58,10 @@ class World:
 
 
 WORLDS = {
-    # one large object, 4 colours x 3 shapes x 4 directions, one speed, plain gray background: 48 captions
+    # one large object, 4 colours x 3 shapes x 4 directions, plain gray background: 48 captions; the fast speed,
+    # so that motion is more than a latent cell per latent frame (a tiny model ignores a slower one)
     "easy": World(("red", "green", "blue", "yellow"), ("circle", "square", "triangle"), ("right", "left", "up", "down"),
-                  ("",), ("plain",), ("gray",), 1, (0.16, 0.2), 0.0),
+                  ("quickly",), ("plain",), ("gray",), 1, (0.16, 0.2), 0.0),
     "medium": World(("red", "green", "blue", "yellow", "purple", "cyan"), ("circle", "square", "triangle", "ring"),
                     tuple(DIRECTIONS), ("slowly", "quickly"), ("plain", "gradient", "stripes"), ("gray",), 2,
                     (0.12, 0.18), 0.0),

@@ -6,8 +6,11 @@ Steps: (1) deterministic synthetic H.264 clips with captions into data.clips_dir
 (2) the 3D multi-scale bitwise tokenizer, with held-out reconstructions; (3) Ray preprocessing of the clips into
 pre-tokenized WebDataset shards in a local object-store directory (preprocess.output); (4) VideoAR pretraining
 over the curriculum's two stages on 2 local processes (data parallel) reading those shards, with a simulated
-preemption (SIGUSR1 to the launcher) and an automatic resume from the checkpoint it writes; (5) samples from
-held-out captions and one image-to-video continuation, as .mp4 and PNG; (6) a throughput summary.
+preemption (SIGUSR1 to the launcher) and an automatic resume from the checkpoint it writes, its samples scored at
+every stage end; (5) samples for the distinct held-out captions, scored against them by the synthetic world's
+detectors (trainer/quality.py), and image-to-video continuations to twice the trained length with their drift
+from the real clips, as .mp4 (+ JSON sidecars) and PNG; (6) a summary: tokenizer PSNR/SSIM by scales, caption
+accuracies, drift, throughput.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from data_pipeline.synth import generate_clips
 from common.metrics import read_jsonl
 from common.config import Config, config_arg_parser, config_from_args, load_config, save_config
 from trainer.preemption import EXIT_PREEMPTED
-from trainer.sample import sample_to_files
-from trainer.video_metrics import mean_scores
+from trainer.quality import QualityReport, describe, evaluate_quality, unique_captions
+from trainer.sample import load_videoar
 from data_pipeline.tokenizer_ckpt import load_tokenizer
-from trainer.train_tokenizer import TokenizerRun, train_tokenizer
+from trainer.train_tokenizer import TokenizerRun, describe_quality, train_tokenizer
 from trainer.videoar_data import out_dir
 
 NPROC = 2
+DRIFT_CLIPS = 4  # held-out clips continued from their first frame (image-to-video drift)
 
 
 def _metric_steps(path: Path) -> list[dict]:
@@ -96,17 +100,15 @@ def _copy_clips(paths: list[Path], dst: Path) -> Path:
     return dst
 
 
-def _sample(cfg: Config, ckpts: Path, samples_dir: Path, prompts: list[str], first_held: Path):
-    """Text- (or class-) to-video samples of the held-out captions and one image-to-video continuation."""
-    if cfg.videoar.cond == "text":
-        t2v = sample_to_files(ckpts, samples_dir / "text-to-video", prompts=prompts, seed=cfg.run.seed)
-        i2v = sample_to_files(ckpts, samples_dir / "image-to-video", prompts=prompts[:1], init=first_held,
-                              init_frames=1, seed=cfg.run.seed)
-    else:
-        t2v = sample_to_files(ckpts, samples_dir / "class-to-video", class_ids=[0, 1], seed=cfg.run.seed)
-        i2v = sample_to_files(ckpts, samples_dir / "image-to-video", class_ids=[0], init=first_held,
-                              seed=cfg.run.seed)
-    return t2v, i2v
+def _sample(cfg: Config, ckpts: Path, samples_dir: Path, held: list[Path]) -> QualityReport:
+    """Text-to-video samples of the distinct held-out captions (scored against them) and image-to-video from the
+    first held-out clips, continued to twice the trained length (drift against the real clips)."""
+    model, saved, step = load_videoar(ckpts)
+    tokenizer, _, _ = load_tokenizer(saved.videoar_train.tokenizer_ckpt)
+    prompts = unique_captions([read_caption(p) for p in held], saved.videoar_train.quality_samples) \
+        if saved.videoar.cond == "text" else []
+    return evaluate_quality(model, saved, step, tokenizer, samples_dir, prompts, held[:DRIFT_CLIPS],
+                            seed=cfg.run.seed)
 
 
 def _summaries(records: list[dict]) -> tuple[str, str]:
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     d = cfg.data
     print(f"[1/5] synthetic clips -> {d.clips_dir}", flush=True)
     generate_clips(d.clips_dir, d.synth_clips, frames=d.synth_frames, size=tuple(d.resolution), fps=d.fps,
-                   seed=cfg.run.seed)
+                   seed=cfg.run.seed, world=d.synth_world)
     print(f"[2/5] tokenizer training ({cfg.tokenizer_train.steps} steps) -> {cfg.run_dir / 'tokenizer'}", flush=True)
     tok = finished_tokenizer(cfg) or train_tokenizer(cfg)
 
@@ -161,14 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     stopped, train_s = train_with_preemption(train_cfg, args.preempt_at)
     records = _metric_steps(out_dir(train_cfg) / "metrics.jsonl")
     last = records[-1] if records else {}
-    prompts = [read_caption(p) for p in held]
     samples_dir = cfg.run_dir / "samples"
-    print(f"[5/5] sampling {len(prompts)} held-out captions + 1 image-to-video -> {samples_dir}", flush=True)
+    print(f"[5/5] sampling the held-out captions + {DRIFT_CLIPS} image-to-video continuations -> {samples_dir}",
+          flush=True)
     ckpts = out_dir(train_cfg) / "checkpoints"
-    t2v, i2v = _sample(train_cfg, ckpts, samples_dir, prompts, held[0])
+    quality = _sample(train_cfg, ckpts, samples_dir, held)
     heldout, throughput = _summaries(records)
     print(f"\nDone in {time.time() - t0:.0f} s.\n"
-          f"  tokenizer held-out PSNR: {tok.psnr_start:.2f} dB at step 0 -> {tok.psnr_end:.2f} dB ({tok.recon_png})\n"
+          f"  tokenizer held-out:      PSNR {tok.psnr_start:.2f} dB at step 0 -> {describe_quality(tok.quality)} "
+          f"({tok.recon_png})\n"
           f"  shards:                  {shards}/manifest.json ({pre.clips or 'all'} clips, "
           f"{pre.seconds and pre.clips / pre.seconds:.1f} clips/s)\n"
           f"  VideoAR:                 step {last.get('step')}, bit loss {math.log(2):.3f} (chance) -> "
@@ -177,21 +180,13 @@ def main(argv: list[str] | None = None) -> int:
           f"  held-out (plain teacher forcing): {heldout}\n"
           f"  throughput:              {throughput}\n"
           f"  checkpoints:             {ckpts}/ (latest: {(ckpts / 'latest').read_text().strip()})\n"
-          f"  text-to-video samples:   {t2v.contact_sheet} and {len(t2v.videos)} .mp4\n"
-          f"  samples vs captions:     {_caption_summary(t2v.scores)}\n"
-          f"  image-to-video sample:   {i2v.videos[0]} (first frame from {held[0].name})\n"
+          f"  samples vs captions:     {describe(quality)}\n"
+          f"  samples:                 {quality.contact_sheet} (caption | sample rows), .mp4 + .json sidecars in "
+          f"{samples_dir}/text-to-video and image-to-video/ (python -m trainer.evaluate_videos --samples DIR)\n"
           f"  dashboards (metrics):    {cfg.run_dir / 'tokenizer' / 'metrics.jsonl'}, "
           f"{out_dir(train_cfg) / 'metrics.jsonl'}; tensorboard --logdir {cfg.run_dir}\n"
           f"  run summary:             python -m jobs.status {cfg.run_dir}")
     return 0
-
-
-def _caption_summary(scores: list[dict | None]) -> str:
-    mean = mean_scores(scores)
-    if not mean:
-        return "- (no synthetic-world captions)"
-    return (f"colour {mean['color']:.2f}, shape {mean['shape']:.2f}, direction {mean['direction']:.2f}, object in "
-            f"{mean['present']:.0%} of frames over {mean['videos']} videos (python -m trainer.evaluate_videos)")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ def test_presets_load_with_paper_like_ucf101():
 
 def test_overrides_are_typed_and_win_over_the_file():
     cfg = load_config(ROOT / "configs/demo.yaml", ["tokenizer_train.steps=7", "tokenizer_train.lr=0.5",
-                                                   "data.resolution=[32,32]", "quantizer.scales=[1,2,4]",
+                                                   "data.resolution=[16,16]", "quantizer.scales=[1,2,4]",
                                                    "curriculum=[]"])
     assert cfg.tokenizer_train.steps == 7 and isinstance(cfg.tokenizer_train.steps, int)
-    assert cfg.tokenizer_train.lr == 0.5 and cfg.data.resolution == [32, 32]
+    assert cfg.tokenizer_train.lr == 0.5 and cfg.data.resolution == [16, 16]
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -36,10 +36,11 @@ def test_overrides_are_typed_and_win_over_the_file():
     ("run.device=tpu", r"run\.device: 'tpu' is not one of \['cpu', 'cuda'\]"),
     ("tokenizer.latent_dim=many", r"tokenizer\.latent_dim: .*could not be converted to Integer"),
     ("tokenizer.no_such_key=1", r"tokenizer\.no_such_key: Key 'no_such_key' not in 'TokenizerConfig'"),
-    ("data.resolution=[60,64]", r"data\.resolution: 60x64 must be divisible by tokenizer\.spatial_compression=8"),
+    ("data.resolution=[30,32]", r"data\.resolution: 30x32 must be divisible by tokenizer\.spatial_compression=4"),
     ("quantizer.scales=[1,2,4]", r"quantizer\.scales: the last scale must equal the latent grid 8x8"),
     ("data.frames=10", r"data\.frames: must be 1 \+ k \* tokenizer\.temporal_compression \(4\), got 10"),
-    ("tokenizer.channel_mult=[1,2]", r"tokenizer\.channel_mult: needs log2\(spatial_compression\) = 3 entries"),
+    ("tokenizer.channel_mult=[1,2,4]", r"tokenizer\.channel_mult: needs log2\(spatial_compression\) = 2 entries"),
+    ("data.synth_world=hard", r"data\.synth_world: 'hard' is not one of \['easy', 'medium', 'full'\]"),
     ("steps=3", r"overrides must look like key\.sub=value|steps: Key 'steps'"),
     ("videoar.rope=spiral", r"videoar\.rope: 'spiral' is not one of \['temporal', 'flat'\]"),
     ("videoar_train.flip_inherit=maybe", r"videoar_train\.flip_inherit: Value 'maybe' is not a valid bool"),
@@ -108,3 +109,14 @@ def test_cluster_presets_build_the_paper_shapes_on_valid_layouts(name, sizes, wo
         assert stage.global_batch % (stage.micro_batch * dp) == 0, stage.name
     script = render_sbatch(cfg, f"runs/{name}/slurm/config.yaml")
     assert f"--nodes={cfg.slurm.nodes}" in script and f"--nproc {cfg.slurm.procs_per_node}" in script
+
+
+def test_one_curriculum_stage_is_overridable_by_index():
+    cfg = load_config(ROOT / "configs/demo.yaml", ["curriculum.1.until_step=900", "curriculum.0.flip_end=0.2",
+                                                   "videoar_train.lr=0.01"])
+    assert cfg.curriculum[1].until_step == 900 and isinstance(cfg.curriculum[1].until_step, int)
+    assert cfg.curriculum[0].flip_end == 0.2 and cfg.curriculum[0].until_step == 200 and cfg.videoar_train.lr == 0.01
+    with pytest.raises(ConfigError, match=r"curriculum\.7\.until_step: no such list element"):
+        load_config(ROOT / "configs/demo.yaml", ["curriculum.7.until_step=3"])
+    with pytest.raises(ConfigError, match=r"curriculum\[low-res\]\.until_step: must be >= 1"):
+        load_config(ROOT / "configs/demo.yaml", ["curriculum.0.until_step=0"])
