@@ -111,6 +111,23 @@ def _sample(cfg: Config, ckpts: Path, samples_dir: Path, held: list[Path]) -> Qu
                             seed=cfg.run.seed)
 
 
+def _preprocess_split(args, cfg: Config, train: list[Path], held: list[Path]):
+    """Ray preprocessing of the training clips into preprocess.output and of the held-out clips into
+    `<output>-heldout`; returns (the training job's summary, shards, held-out shards)."""
+    train_dir = _copy_clips(train, cfg.run_dir / "train-clips")  # preprocessing sees these only
+    held_dir = _copy_clips(held, cfg.run_dir / "heldout-clips")
+    shards = cfg.preprocess.output
+    eval_shards = shards.rstrip("/") + "-heldout"
+    print(f"[3/5] Ray preprocessing {train_dir} -> shards in {shards} (held-out clips -> {eval_shards})", flush=True)
+    pre = preprocess(load_config(args.config, list(args.overrides) + [f"preprocess.input={train_dir}"]))
+    print(f"      {pre.clips} clips -> {pre.shards} shards ({pre.bytes / 2**20:.1f} MB) in {pre.seconds:.0f} s; "
+          f"{pre.skipped} videos already done, {pre.quarantined} quarantined", flush=True)
+    held_pre = preprocess(load_config(args.config, list(args.overrides) + [
+        f"preprocess.input={held_dir}", f"preprocess.output={eval_shards}", f"run.dir={cfg.run_dir / 'heldout'}"]))
+    print(f"      held-out: {held_pre.clips} clips -> {held_pre.shards} shards", flush=True)
+    return pre, shards, eval_shards
+
+
 def _summaries(records: list[dict]) -> tuple[str, str]:
     """(the last held-out evaluations, throughput per stage) as summary lines."""
     evals = [r for r in records if "eval/loss" in r]
@@ -142,18 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     clips = sorted(Path(d.clips_dir).glob("*.mp4"))
     train, held = split_heldout(clips, d.heldout_clips, d.clips_dir)  # the clips training holds out
-    train_dir = _copy_clips(train, cfg.run_dir / "train-clips")  # preprocessing sees these only
-    held_dir = _copy_clips(held, cfg.run_dir / "heldout-clips")
-    shards = cfg.preprocess.output
-    eval_shards = shards.rstrip("/") + "-heldout"
-    print(f"[3/5] Ray preprocessing {train_dir} -> shards in {shards} (held-out clips -> {eval_shards})", flush=True)
-    pre_cfg = load_config(args.config, list(args.overrides) + [f"preprocess.input={train_dir}"])
-    pre = preprocess(pre_cfg)
-    print(f"      {pre.clips} clips -> {pre.shards} shards ({pre.bytes / 2**20:.1f} MB) in {pre.seconds:.0f} s; "
-          f"{pre.skipped} videos already done, {pre.quarantined} quarantined", flush=True)
-    held_pre = preprocess(load_config(args.config, list(args.overrides) + [
-        f"preprocess.input={held_dir}", f"preprocess.output={eval_shards}", f"run.dir={cfg.run_dir / 'heldout'}"]))
-    print(f"      held-out: {held_pre.clips} clips -> {held_pre.shards} shards", flush=True)
+    pre, shards, eval_shards = _preprocess_split(args, cfg, train, held)
 
     train_cfg = load_config(args.config, list(args.overrides) + [f"data.shards={shards}",
                                                                  f"data.eval_shards={eval_shards}"])
