@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         stage = ("curriculum=[{name: s, until_step: 1000, resolution: [64, 64], frames: 9, scales: [1, 2, 4, 8], "
                  "global_batch: 8, micro_batch: 8}]")
         base = ["videoar.cond=class", "videoar.num_classes=4", f"run.dir={tmp / 'run'}", stage,
+                "data.resolution=[64,64]", "tokenizer.spatial_compression=8", "tokenizer.channel_mult=[1,2,4]",
+                "quantizer.scales=[1,2,4,8]",
                 f"videoar_train.tokenizer_ckpt={tmp / 'tok'}", f"preprocess.input={tmp / 'clips'}",
                 "preprocess.shard_bytes=1000000"]
         cfg = load_config("configs/demo.yaml", base)

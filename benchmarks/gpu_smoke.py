@@ -49,6 +49,7 @@ def _config(preset: str, scales: list[int], device: str, extra: list[str] = (), 
              f"scales: {scales}, global_batch: 1, micro_batch: 1, flip_start: 0.2, flip_end: 0.2}}]")
     return load_config(ROOT / "configs" / "demo.yaml",
                        [f"videoar.preset={preset}", f"quantizer.scales={scales}", f"data.resolution=[{res},{res}]",
+                        "tokenizer.spatial_compression=8", "tokenizer.channel_mult=[1,2,4]",
                         f"data.frames={video_frames}", stage, f"run.device={device}",
                         "videoar_train.precision=" + ("bf16" if device == "cuda" else "fp32"), *extra])
 
