@@ -15,7 +15,10 @@ from jobs.slurm import status, submit, write_job
 from tests.conftest import make_cfg
 from trainer.train_videoar import VideoARTrainer
 
-STAGE = ("curriculum=[{name: s, until_step: 30, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
+# long enough that the job cannot finish before the test's signal arrives (the tiny model runs ~12 steps/s: 30
+# steps once finished in 2.5 s, before the USR1, and the job then never requeued)
+STEPS = 200
+STAGE = (f"curriculum=[{{name: s, until_step: {STEPS}, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
          "global_batch: 4, micro_batch: 2, flip_start: 0.2, flip_end: 0.2}]")
 
 
@@ -66,6 +69,6 @@ def test_preempted_job_requeues_resumes_and_matches(slurm_cluster, clips_dir, to
     log = next((tmp_path / "run" / "slurm").glob("*.out")).read_text()
     assert "preempted: checkpoint written, requeueing" in log and "restart 1" in log
     records = steps_logged(metrics)
-    assert [r["step"] for r in records] == list(range(1, 31))  # every step once across the requeue
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # every step once across the requeue
     reference = VideoARTrainer(make_cfg(clips_dir, tokenizer_ckpt, tmp_path / "ref", STAGE), progress=False).train()
     assert [r["loss"] for r in records] == pytest.approx(reference.losses, rel=1e-5)
