@@ -45,6 +45,15 @@ def tokenizer_ckpt(clips_dir, tmp_path_factory):
     return save_tokenizer(VideoTokenizer(cfg.tokenizer, cfg.quantizer), cfg, tmp_path_factory.mktemp("tok"), 0)
 
 
+def wait_for(predicate, what: str, timeout: float = 600) -> None:
+    """Poll `predicate` every 0.5 s until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
 def make_cfg(clips_dir, tokenizer_ckpt, run_dir, *extra) -> Config:
     """TINY + a tiny class-conditioned VideoAR trained on the session clips with the session tokenizer."""
     return load_config(None, TINY + VIDEOAR + [f"data.clips_dir={clips_dir}", f"run.dir={run_dir}",

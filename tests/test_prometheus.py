@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 import yaml
 
 from common.metrics import TARGETS_FILE, MetricSinks, read_jsonl
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, wait_for
 from trainer.train_videoar import VideoARTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,13 +59,6 @@ def samples(url: str, name: str) -> dict[float, float]:
     return {t: float(v) for t, v in series["values"]}
 
 
-def wait_for(predicate, what: str, timeout: float = 60):
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
 
 def latest_step(url: str) -> float | None:
     result = api(url, "query", query="videoar_step")["result"]
@@ -82,7 +74,7 @@ def test_prometheus_scrapes_the_run_and_matches_metrics_jsonl(prometheus, clips_
     try:
         VideoARTrainer(cfg, progress=False).train(sinks=sinks)
         # the endpoint keeps the last step until Prometheus has scraped it (a real run's ends when it exits)
-        wait_for(lambda: latest_step(url) == STEPS, f"Prometheus to scrape step {STEPS}")
+        wait_for(lambda: latest_step(url) == STEPS, f"Prometheus to scrape step {STEPS}", timeout=60)
         (target,) = api(url, "targets", state="active")["activeTargets"]
         rules = api(url, "rules", type="alert")["groups"]
     finally:

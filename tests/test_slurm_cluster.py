@@ -12,7 +12,7 @@ import time
 import pytest
 
 from jobs.slurm import status, submit, write_job
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, wait_for
 from trainer.train_videoar import VideoARTrainer
 
 # long enough that the job cannot finish before the test's signal arrives (the tiny model runs ~12 steps/s: 30
@@ -37,13 +37,6 @@ def slurm_cluster(tmp_path_factory):
     else:
         os.environ["SLURM_CONF"] = previous
 
-
-def wait_for(predicate, what: str, timeout: float = 600):
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
 
 
 def steps_logged(path) -> list[dict]:

@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,14 @@ def condition(model: VideoAR, prompts: list[str], class_ids: list[int]) -> torch
         return torch.tensor(class_ids, dtype=torch.long)
     if not prompts:
         raise ValueError("this model is text-conditioned: pass --prompt")
-    return TextEncoder(c.text_encoder, c.text_len).encode(prompts)
+    return text_encoder(c.text_encoder, c.text_len).encode(prompts)
+
+
+@lru_cache(maxsize=2)
+def text_encoder(name: str, length: int) -> TextEncoder:
+    """The frozen text encoder, loaded once per process: quality evaluation samples many times (each drift clip,
+    every stage end) and reloading the weights each time cost more than the sampling."""
+    return TextEncoder(name, length)
 
 
 @torch.no_grad()
