@@ -87,21 +87,30 @@ PRESET_SIZES = ("depth", "width", "heads")
 ROPE_MODES = ("temporal", "flat")  # videoar.rope (models/rope.py)
 
 
-PRESETS = {  # (depth, width, heads)
-    "tiny": (4, 128, 4),
-    "small": (12, 512, 8),
-    "L": (24, 1536, 12),
-    "XL": (32, 2048, 16),
+# (depth, width, heads, SwiGLU hidden or None for 2/3 * mlp_ratio * width). The paper's sizes (VideoAR-L 926M,
+# XL 2.0B, 4B) are counts of Infinity-style blocks (AdaLN and cross-attention); ours are plain pre-norm blocks with
+# a prefix condition, so the SwiGLU hidden width of the large presets is chosen (a multiple of 256, so it splits
+# over tp <= 8 in 32-wide pieces) to put the whole model's parameter count within 1% of the paper's figure. Counting
+# rule: every parameter of `VideoAR` (blocks, condition projection, embeddings, head) with the preset's defaults
+# (text condition through the 384-wide MiniLM states, 16-bit latents); `tests/test_config.py` counts them on meta.
+PRESETS = {
+    "tiny": (4, 128, 4, None),
+    "small": (12, 512, 8, None),
+    "L": (24, 1536, 12, 6400),  # 0.93B (paper: 926M)
+    "XL": (32, 2048, 16, 7424),  # 2.0B (paper: 2.0B)
+    "4B": (36, 2560, 32, 11008),  # 4.0B (paper: 4B)
 }
 
 
 @dataclass
 class VideoARConfig:
-    preset: str = "tiny"  # tiny (CPU) | small | L (24x1536x12) | XL (32x2048x16) | custom; explicit sizes win
+    preset: str = "tiny"  # tiny (CPU) | small | L (24x1536x12) | XL (32x2048x16) | 4B (36x2560x32) | custom;
+    #                       explicit sizes win
     depth: int | None = None
     width: int | None = None
     heads: int | None = None
-    mlp_ratio: float = 4.0  # SwiGLU hidden = 2/3 * mlp_ratio * width, rounded up to a multiple of 8
+    mlp_ratio: float = 4.0  # SwiGLU hidden = 2/3 * mlp_ratio * width, rounded up to a multiple of 8 ...
+    mlp_hidden_size: int | None = None  # ... unless set here (the L/XL/4B presets set it)
     qk_norm: bool = True
     rope_base: float = 10000.0
     rope_stretch: bool = False  # map coarse-scale rows/cols onto the final grid for RoPE (DESIGN §3.4); temporal only
@@ -121,7 +130,8 @@ class VideoARConfig:
         p = "videoar"
         check_choice(f"{p}.preset", self.preset, tuple(PRESETS) + ("custom",))
         if self.preset != "custom":
-            depth, width, heads = PRESETS[self.preset]
+            depth, width, heads, hidden = PRESETS[self.preset]
+            self.mlp_hidden_size = hidden if self.mlp_hidden_size is None else self.mlp_hidden_size
             self.depth = depth if self.depth is None else self.depth
             self.width = width if self.width is None else self.width
             self.heads = heads if self.heads is None else self.heads
@@ -137,6 +147,8 @@ class VideoARConfig:
         check(self.text_len >= 1 and self.text_dim >= 1, f"{p}.text_len/text_dim", "must be >= 1")
         check(0.0 <= self.cond_drop < 1.0, f"{p}.cond_drop", f"must be in [0, 1), got {self.cond_drop}")
         check(self.max_scales >= 1, f"{p}.max_scales", "must be >= 1")
+        check(self.mlp_hidden_size is None or self.mlp_hidden_size >= 1, f"{p}.mlp_hidden_size",
+              f"must be >= 1 (or unset), got {self.mlp_hidden_size}")
 
     @property
     def head_dim(self) -> int:
@@ -144,6 +156,8 @@ class VideoARConfig:
 
     @property
     def mlp_hidden(self) -> int:
+        if self.mlp_hidden_size is not None:
+            return self.mlp_hidden_size
         return 8 * math.ceil(2 * self.mlp_ratio * self.width / 3 / 8)
 
     @property

@@ -36,6 +36,7 @@ class KVCache:
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(depth)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(depth)]
         self.length = 0  # tokens committed by every layer
+        self.key_keep: torch.Tensor | None = None  # (B, max_len) bool: False at text padding (set by the first block)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
@@ -170,6 +171,27 @@ class VideoAR(nn.Module):
             x = torch.where(drop.view(-1, 1, 1), self.null_prefix.expand_as(x).to(x.dtype), x)
         return x
 
+    def key_keep(self, cond: torch.Tensor, drop: torch.Tensor | None, length: int) -> torch.Tensor | None:
+        """(B, length) bool, False at the text prefix's padding positions (the text encoder's zero states), so no
+        token attends to padding; None when nothing is padded (class condition, full-length texts). A dropped
+        sample's null prefix is all real, and position 0 (the encoder's [CLS]) is always kept."""
+        if self.cfg.cond != "text":
+            return None
+        pad = (cond == 0).all(-1)
+        pad[:, 0] = False
+        if drop is not None:
+            pad &= ~drop.bool().view(-1, 1)
+        if not bool(pad.any()):
+            return None
+        return torch.cat([~pad, pad.new_ones(pad.shape[0], length - pad.shape[1])], dim=1)
+
+    @staticmethod
+    def masked_keys(mask: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """`mask` ((L, L), or (B, L, L), bool) with padding keys removed: (B, 1, L, L); (1|B, 1, L, L) unchanged
+        when `keep` is None."""
+        mask = mask[None, None] if mask.dim() == 2 else mask[:, None]
+        return mask if keep is None else mask & keep[:, None, None, :]
+
     def embed_video(self, features: torch.Tensor, lt: LayoutTensors, lo: int, hi: int) -> torch.Tensor:
         """Video tokens [lo, hi) (video coordinates): projected features + scale embedding, SOS on frame 0 scale 0."""
         x = self.input_proj(features.to(self.input_proj.weight.dtype)) + self.scale_embed(lt.scale_ids[lo:hi])
@@ -194,9 +216,7 @@ class VideoAR(nn.Module):
             raise ValueError(f"features must be (B, {n_video}, {self.latent_dim}) for this layout, "
                              f"got {tuple(features.shape)}")
         x = torch.cat([self.prefix(cond, drop), self.embed_video(features, lt, 0, n_video)], dim=1)
-        mask = lt.mask if mask is None else mask
-        if mask.dim() == 3:
-            mask = mask[:, None]
+        mask = self.masked_keys(lt.mask if mask is None else mask, self.key_keep(cond, drop, layout.length))
         x = self.run_blocks(self.blocks, x, lt.angles, mask)
         return self.logits(x[:, layout.prefix_len:])
 
@@ -215,6 +235,9 @@ class VideoAR(nn.Module):
 
     def stage_input(self, layout: SequenceLayout, features, cond, drop, mask) -> tuple[torch.Tensor, torch.Tensor]:
         lt = self.tensors(layout)
+        keep = self.key_keep(cond, drop, layout.length)
+        if keep is not None:  # the float (B, L, L) mask that travels down the pipeline, padding keys removed
+            mask = mask * keep[:, None, :].to(mask.dtype)
         return torch.cat([self.prefix(cond, drop.bool()), self.embed_video(features, lt, 0, features.shape[1])],
                          dim=1), mask
 
@@ -251,9 +274,12 @@ class VideoAR(nn.Module):
             if cond is None:
                 raise ValueError("the first block needs the condition (cond=...)")
             x, start = torch.cat([self.prefix(cond, drop), x], dim=1), 0
+            cache.key_keep = self.key_keep(cond, drop, layout.length)
         if cache.length != start:
             raise ValueError(f"block ({block.frame}, {block.scale}) starts at token {start}, cache holds {cache.length}")
-        angles, mask = lt.angles[start:block.end], lt.mask[start:block.end, :block.end]
+        keep = None if cache.key_keep is None else cache.key_keep[:, :block.end]
+        angles = lt.angles[start:block.end]
+        mask = self.masked_keys(lt.mask[start:block.end, :block.end], keep)
         for i, blk in enumerate(self.blocks):
             x = blk(x, angles, mask, cache, i)
         cache.length = block.end

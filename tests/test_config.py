@@ -84,6 +84,22 @@ def test_a_model_preset_from_the_cli_sets_the_sizes_and_explicit_sizes_win(prese
         load_config(None, ["videoar.preset=custom"])
 
 
+@pytest.mark.parametrize("preset, sizes, paper", [("L", (24, 1536, 12), 926e6), ("XL", (32, 2048, 16), 2.0e9),
+                                                   ("4B", (36, 2560, 32), 4.0e9)])
+def test_large_presets_have_the_papers_parameter_counts(preset, sizes, paper):
+    """Counting rule (common/model_config.py PRESETS): every parameter of VideoAR with the preset's defaults (text
+    prefix from 384-wide states, 16-bit latents), built on the meta device; the paper's figure within 3%."""
+    import torch
+
+    from models.videoar import VideoAR
+
+    v = load_config(None, [f"videoar.preset={preset}"]).videoar
+    assert (v.depth, v.width, v.heads) == sizes
+    with torch.device("meta"):
+        count = sum(t.numel() for t in VideoAR(v, 16).parameters())
+    assert abs(count / paper - 1) < 0.03, (preset, count)
+
+
 @pytest.mark.parametrize("name, sizes, world, tp", [("videoar_l", (24, 1536, 12), 32, 1),
                                                     ("videoar_xl", (32, 2048, 16), 64, 2)])
 def test_cluster_presets_build_the_paper_shapes_on_valid_layouts(name, sizes, world, tp):

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from models.attention_mask import block_causal_mask
 from models.quantizer import MultiScaleBitwiseQuantizer, QuantizerConfig
 from models.sampler import SamplingConfig, guidance_gamma, sample, sample_bits
 from models.sequence_inputs import sequence_targets, split_frames_scales, teacher_forcing_features
@@ -57,13 +58,55 @@ def test_kv_cached_logits_equal_full_sequence_logits(cond, rope):
     q = MultiScaleBitwiseQuantizer(D, QuantizerConfig(scales=[1, 2, 3, 4]))
     bits = random_bits(q, 2, 3)
     feats = teacher_forcing_features(q, bits)
-    c = torch.tensor([0, 2]) if cond == "class" else torch.randn(2, 4, 12)
+    c = torch.tensor([0, 2]) if cond == "class" else padded_text(torch.randn(2, 4, 12))
     layout = model.layout_for(3, q.sizes)
     full = model(c, feats, layout)
     cache, P, parts = model.new_cache(2, layout), layout.prefix_len, []
     for block in layout.blocks:
         parts.append(model.forward_block(block, feats[:, block.start - P:block.end - P], layout, cache, cond=c))
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
+
+
+def padded_text(states: torch.Tensor) -> torch.Tensor:
+    """Text states as the text encoder gives them: zero at padding (sample 0: 2 real tokens, sample 1: 3)."""
+    states = states.clone()
+    states[0, 2:] = 0
+    states[1, 3:] = 0
+    return states
+
+
+def test_text_padding_is_masked_out_of_attention():
+    """Changing what the padding positions of the prefix hold changes no logit: in the full forward, in the
+    KV-cached blocks and through the pipeline-stage pieces; changing a real text token does change them."""
+    model = tiny_model("text")
+    q = MultiScaleBitwiseQuantizer(D, QuantizerConfig(scales=[1, 2, 3]))
+    feats = teacher_forcing_features(q, random_bits(q, 2, 2))
+    layout = model.layout_for(2, q.sizes)
+    c = padded_text(torch.randn(2, 4, 12))
+    base = model(c, feats, layout)
+    noise = torch.randn(2, 4, 32)
+    pad = (c == 0).all(-1)
+
+    def perturb_padding(module, args, out):  # the projected prefix states at padding positions
+        return torch.where(pad[..., None], out + 10 * noise, out)
+
+    handle = model.cond_proj.register_forward_hook(perturb_padding)
+    try:
+        torch.testing.assert_close(model(c, feats, layout), base, rtol=0, atol=1e-6)
+        cache, P, parts = model.new_cache(2, layout), layout.prefix_len, []
+        for block in layout.blocks:
+            parts.append(model.forward_block(block, feats[:, block.start - P:block.end - P], layout, cache, cond=c))
+        torch.testing.assert_close(torch.cat(parts, dim=1), base, rtol=0, atol=1e-5)
+        drop = torch.zeros(2)
+        mask = block_causal_mask(layout).expand(2, -1, -1).float()
+        x, m = model.stage_input(layout, feats, c, drop, mask)
+        staged = model.stage_output(layout, model.stage_blocks(layout, model.blocks, x, m))
+        torch.testing.assert_close(staged, base, rtol=0, atol=1e-5)
+    finally:
+        handle.remove()
+    c2 = c.clone()
+    c2[0, 1] += 1.0  # a real token
+    assert (model(c2, feats, layout)[0] - base[0]).abs().max() > 1e-3
 
 
 def test_flat_rope_changes_the_model_output():
