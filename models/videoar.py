@@ -173,16 +173,15 @@ class VideoAR(nn.Module):
 
     def key_keep(self, cond: torch.Tensor, drop: torch.Tensor | None, length: int) -> torch.Tensor | None:
         """(B, length) bool, False at the text prefix's padding positions (the text encoder's zero states), so no
-        token attends to padding; None when nothing is padded (class condition, full-length texts). A dropped
-        sample's null prefix is all real, and position 0 (the encoder's [CLS]) is always kept."""
+        token attends to padding; None for the class condition. A dropped sample's null prefix is all real, and
+        position 0 (the encoder's [CLS]) is always kept. Never asks the data whether anything is padded: that
+        would be a host-device sync per forward on GPU (and cannot run on the meta device)."""
         if self.cfg.cond != "text":
             return None
         pad = (cond == 0).all(-1)
         pad[:, 0] = False
         if drop is not None:
             pad &= ~drop.bool().view(-1, 1)
-        if not bool(pad.any()):
-            return None
         return torch.cat([~pad, pad.new_ones(pad.shape[0], length - pad.shape[1])], dim=1)
 
     @staticmethod
