@@ -24,7 +24,7 @@ import torch
 from models.quantizer import MultiScaleBitwiseQuantizer, QuantizerConfig
 from models.sampler import SamplingConfig, sample, sample_bits
 from models.sequence_inputs import block_input, tokens_to_grid
-from models.videoar import VideoAR, VideoARConfig
+from models.videoar import VideoAR, VideoARConfig, layout_mask
 
 D, FRAMES, SCALES = 16, 5, [1, 2, 3, 4, 6, 8]
 
@@ -39,10 +39,10 @@ def build() -> tuple[VideoAR, MultiScaleBitwiseQuantizer]:
 
 def forward_prefix(model: VideoAR, cond: torch.Tensor, features: torch.Tensor, layout, end: int) -> torch.Tensor:
     """`VideoAR.forward` restricted to tokens [0, end): prefix + video features so far, block-causal mask."""
-    lt, P = model.tensors(layout), layout.prefix_len
+    lt, P, mask = model.tensors(layout), layout.prefix_len, layout_mask(layout)
     x = torch.cat([model.prefix(cond), model.embed_video(features[:, :end - P], lt, 0, end - P)], dim=1)
     for blk in model.blocks:
-        x = blk(x, lt.angles[:end], lt.mask[:end, :end])
+        x = blk(x, lt.angles[:end], mask[:end, :end])
     return model.logits(x[:, P:])
 
 
@@ -82,7 +82,7 @@ def next_token_loop(model: VideoAR, cond: torch.Tensor, layout) -> int:
             x, start, mask = torch.cat([model.prefix(cond), x], dim=1), 0, torch.ones(P + 1, P + 1).tril().bool()
         for j, blk in enumerate(model.blocks):
             x = blk(x, lt.angles[start:P + i + 1], mask, cache, j)
-        cache.length = P + i + 1
+        cache.commit(x.shape[1])
         bits = sample_bits(model.logits(x[:, -1:]).float(), 0.0, 1.0)  # (B, 1, D)
         feat, forwards = (bits.float() * 2 - 1) / D**0.5, forwards + 1
     return forwards

@@ -50,14 +50,20 @@ DOWN_MODES = ("area", "bilinear", "bicubic", "nearest")
 UP_MODES = ("bilinear", "bicubic", "nearest")
 
 
+GAIN_MODES = ("fixed", "learned")  # quantizer.gain
+
+
 @dataclass
 class QuantizerConfig:
     scales: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # square sides (rows), coarse -> fine
     scales_w: list[int] | None = None  # per-axis columns for non-square grids; None = square (same as scales)
     down: str = "area"
     up: str = "bilinear"
-    gain_init: float = 1.0  # gain of the coarsest scale's code
-    gain_decay: float = 0.7  # initial gain ratio between consecutive scales (gains are learned)
+    # fixed: codes +-1/sqrt(d) at every scale (the paper's, Infinity's) | learned: a gain per side length, initialised
+    # gain_init * gain_decay^k (models/quantizer.py)
+    gain: str = "fixed"
+    gain_init: float = 1.0  # learned gains only: gain of the coarsest scale's code ...
+    gain_decay: float = 0.7  # ... and the initial ratio between consecutive scales
     entropy_temperature: float = 0.2  # softness of the bit probabilities in the entropy penalty
     entropy_batch_weight: float = 1.0  # weight of the (maximised) batch bit entropy vs per-token entropy
 
@@ -72,6 +78,7 @@ class QuantizerConfig:
             check(list(self.scales_w) == sorted(self.scales_w), f"{p}.scales_w", "must be non-decreasing")
         check_choice(f"{p}.down", self.down, DOWN_MODES)
         check_choice(f"{p}.up", self.up, UP_MODES)
+        check_choice(f"{p}.gain", self.gain, GAIN_MODES)
         check(self.gain_init > 0 and self.gain_decay > 0, f"{p}.gain_init/gain_decay", "must be > 0")
         check(self.entropy_temperature > 0, f"{p}.entropy_temperature", "must be > 0")
 

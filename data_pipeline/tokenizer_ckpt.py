@@ -39,15 +39,19 @@ def load_tokenizer(directory: str | Path, device: str = "cpu") -> tuple[VideoTok
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing; is {directory} a tokenizer checkpoint directory?")
     try:
-        cfg = config_from_dict(json.loads(cfg_path.read_text()))
-    except ValueError as e:
-        raise ValueError(f"{cfg_path}: invalid tokenizer config ({e})") from None
-    try:
         with safe_open(weights, framework="pt", device=device) as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
+    try:
+        raw = json.loads(cfg_path.read_text())
+        quant = raw.get("quantizer") if isinstance(raw, dict) else None
+        if isinstance(quant, dict) and "gain" not in quant and "quantizer.log_gain" in state:
+            quant["gain"] = "learned"  # written before quantizer.gain existed: its gains were always learned
+        cfg = config_from_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: invalid tokenizer config ({e})") from None
     if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
         raise ValueError(f"{weights}: expected format {FORMAT} v{FORMAT_VERSION}, found "
                          f"{meta.get('format')} v{meta.get('format_version')}")

@@ -5,10 +5,12 @@ functions, `add_scale` (accumulate one scale's code into the full-resolution rec
 (what the transformer sees before predicting a scale), so they cannot drift apart (the VAR pattern).
 
 Per scale k with side s_k:   r_k = down(residual, s_k);  u = r_k / ||r_k||;  bits = u > 0;
-                             code = g_k (2 bits - 1) / sqrt(d);  residual -= up(code)
-*decision*: g_k is a learned positive per-scale gain (initialised g_0 * decay^k). With g_k = 1 at every scale a
-fine scale would add as much energy as the coarse one and a prefix of scales could reconstruct worse than a
-shorter prefix; the gains are part of the decoder, so tokens stay pure bits.
+                             code = g(s_k) (2 bits - 1) / sqrt(d);  residual -= up(code)
+`quantizer.gain=fixed` (the default): g = 1, the paper's and Infinity's codes +-1/sqrt(d), so a flipped bit moves
+the reconstruction by the same amount at every scale and Cross-Frame Error Correction's ratios mean the same thing
+everywhere. `learned`: a positive gain per side length (initialised g_0 * decay^k over the tokenizer's own
+schedule), keyed by the side, so a curriculum stage with another schedule uses the gain fitted for each side it
+shares with the tokenizer's; the gains are part of the decoder, so tokens stay pure bits either way.
 """
 
 from __future__ import annotations
@@ -57,28 +59,56 @@ class MultiScaleBitwiseQuantizer(nn.Module):
         super().__init__()
         self.dim, self.cfg = dim, cfg
         self.sizes = cfg.sizes
-        init = [math.log(cfg.gain_init * cfg.gain_decay**k) for k in range(len(self.sizes))]
-        self.log_gain = nn.Parameter(torch.tensor(init, dtype=torch.float32))
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)  # dtype and device of the codes
+        self.gain_slot: dict[tuple[int, int], int] = {}  # side -> entry of log_gain (learned gains only)
+        for s in self.sizes:
+            self.gain_slot.setdefault(tuple(s), len(self.gain_slot))
+        if cfg.gain == "learned":
+            init = [math.log(cfg.gain_init * cfg.gain_decay**k) for k in range(len(self.gain_slot))]
+            self.log_gain = nn.Parameter(torch.tensor(init, dtype=torch.float32))
+        else:
+            self.log_gain = None
+        self.gain_index = [self.gain_slot[tuple(s)] for s in self.sizes]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
 
     @property
     def num_scales(self) -> int:
         return len(self.sizes)
 
     def for_sizes(self, sizes: list[tuple[int, int]]) -> "MultiScaleBitwiseQuantizer":
-        """A view of this quantizer on another scale schedule (a curriculum stage's grid), sharing the learned
-        gains of the first len(sizes) scales."""
+        """A view of this quantizer on another scale schedule (a curriculum stage's grid). Learned gains are
+        shared by side length: every side of the stage must be one of the tokenizer's."""
+        sizes = [tuple(map(int, s)) for s in sizes]
         if not 1 <= len(sizes) <= self.num_scales:
             raise ValueError(f"a stage may use 1..{self.num_scales} scales (the tokenizer's), got {len(sizes)}")
+        unknown = [s for s in sizes if s not in self.gain_slot]
+        if self.log_gain is not None and unknown:
+            raise ValueError(f"scale sides {unknown} have no learned gain: the tokenizer was trained on "
+                             f"{[s[0] if s[0] == s[1] else s for s in self.sizes]} (quantizer.gain=learned keys gains "
+                             f"by side); use those sides or a tokenizer with quantizer.gain=fixed")
         view = MultiScaleBitwiseQuantizer.__new__(MultiScaleBitwiseQuantizer)
         nn.Module.__init__(view)
-        view.dim, view.cfg, view.sizes = self.dim, self.cfg, [tuple(map(int, s)) for s in sizes]
-        view.log_gain = self.log_gain  # shared Parameter (sliced where used by index k)
+        view.dim, view.cfg, view.sizes, view.gain_slot = self.dim, self.cfg, sizes, self.gain_slot
+        view.register_buffer("anchor", self.anchor, persistent=False)
+        view.log_gain = self.log_gain  # shared Parameter (or None)
+        view.gain_index = [self.gain_slot.get(s, -1) for s in sizes]
         return view
+
+    def gain(self, k: int) -> torch.Tensor | float:
+        """g of scale k: 1 for fixed codes, else the learned gain of its side."""
+        return 1.0 if self.log_gain is None else self.log_gain[self.gain_index[k]].exp()
 
     # -- bits, codes and indices ---------------------------------------------------------------------------
     def code(self, bits: torch.Tensor, k: int) -> torch.Tensor:
-        """Bits of scale k -> its code vectors g_k (2b - 1) / sqrt(d)."""
-        return (bits.to(self.log_gain.dtype) * 2 - 1) * (self.log_gain[k].exp() / math.sqrt(self.dim))
+        """Bits of scale k -> its code vectors g(s_k) (2b - 1) / sqrt(d)."""
+        return (bits.to(self.dtype) * 2 - 1) * (self.gain(k) / math.sqrt(self.dim))
 
     @staticmethod
     def code_to_bits(code: torch.Tensor) -> torch.Tensor:
@@ -126,7 +156,8 @@ class MultiScaleBitwiseQuantizer(nn.Module):
             per_token = _binary_entropy(prob).mean()
             batch = _binary_entropy(prob.mean(dim=(0, 2, 3))).mean()
             entropy = entropy + per_token - self.cfg.entropy_batch_weight * batch
-        # commitment pulls the encoder to its codes; the second term fits the per-scale gains to the latent.
+        # commitment pulls the encoder to its codes; the second term fits learned gains to the latent (with fixed
+        # codes it carries no gradient)
         commit = F.mse_loss(f, acc.detach()) + F.mse_loss(acc, f.detach())
         quantized = acc + (f - f.detach())
         return QuantizerOutput(quantized, bits_all, commit, entropy / self.num_scales)
@@ -196,7 +227,7 @@ class MultiScaleBitwiseQuantizer(nn.Module):
 
     def _empty_recon(self, bits: list[torch.Tensor]) -> torch.Tensor:
         b = bits[0]
-        return torch.zeros(b.shape[0], self.dim, *self.sizes[-1], dtype=self.log_gain.dtype, device=b.device)
+        return torch.zeros(b.shape[0], self.dim, *self.sizes[-1], dtype=self.dtype, device=b.device)
 
     def _check_grid(self, f: torch.Tensor) -> None:
         if tuple(f.shape[-2:]) != self.sizes[-1] or f.shape[1] != self.dim:

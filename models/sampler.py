@@ -52,16 +52,19 @@ class SampleResult:
     bits: list[torch.Tensor]  # per scale (B, T, d, h_k, w_k)
     latent: torch.Tensor  # (B, T, d, h, w) accumulated reconstruction of every frame
     forwards: int  # transformer forward calls made
+    cache_bytes: int  # size of the KV cache's buffers (bounded by the window when one is given)
 
 
 @torch.no_grad()
 def sample(model: VideoAR, quantizer: MultiScaleBitwiseQuantizer, cond: torch.Tensor, num_frames: int,
            sampling: SamplingConfig, given: list[torch.Tensor] | None = None,
-           generator: torch.Generator | None = None) -> SampleResult:
+           generator: torch.Generator | None = None, window: int = 0) -> SampleResult:
     """Sample `num_frames` latent frames for each condition in `cond` (text states or class ids).
 
     `given`: per-scale bits [(B, T0, d, h_k, w_k)] of the first T0 latent frames (image-to-video when T0 = 1,
     continuation otherwise); their blocks still run (to fill the KV cache) but keep the given bits.
+    `window` > 0: each frame sees only the last `window` frames, as a model trained with that frame window did
+    (curriculum `window`); the KV cache then holds only those, so memory does not grow with `num_frames`.
     """
     sizes, K, d = quantizer.sizes, quantizer.num_scales, quantizer.dim
     layout = model.layout_for(num_frames, sizes)
@@ -74,8 +77,8 @@ def sample(model: VideoAR, quantizer: MultiScaleBitwiseQuantizer, cond: torch.Te
     if guided:  # cond and uncond in one batch
         batch_cond = torch.cat([cond, cond])
         drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(cond.device)
-    cache = model.new_cache(batch_cond.shape[0], layout)
-    dtype, device = quantizer.log_gain.dtype, quantizer.log_gain.device
+    cache = model.new_cache(batch_cond.shape[0], layout, window)
+    dtype, device = quantizer.dtype, quantizer.device
     out_bits = [torch.zeros(b, num_frames, d, h, w, dtype=torch.bool, device=device) for h, w in sizes]
     latent = torch.zeros(b, num_frames, d, *sizes[-1], dtype=dtype, device=device)
     prev, forwards = None, 0
@@ -101,4 +104,4 @@ def sample(model: VideoAR, quantizer: MultiScaleBitwiseQuantizer, cond: torch.Te
             acc = quantizer.add_scale(acc, bits, k)
         latent[:, t] = acc
         prev = acc
-    return SampleResult(out_bits, latent, forwards)
+    return SampleResult(out_bits, latent, forwards, cache.nbytes())

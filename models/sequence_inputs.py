@@ -33,7 +33,7 @@ def block_input(q: MultiScaleBitwiseQuantizer, k: int, acc: torch.Tensor | None,
     if prev_frame is None:
         n = acc.shape[0] if acc is not None else 1
         h, w = q.sizes[0]
-        return torch.zeros(n, h * w, q.dim, dtype=q.log_gain.dtype, device=q.log_gain.device)
+        return torch.zeros(n, h * w, q.dim, dtype=q.dtype, device=q.device)
     return grid_to_tokens(q.next_input(prev_frame, 0))
 
 

@@ -28,23 +28,53 @@ from common.parallel_plan import ParallelPlan
 
 
 class KVCache:
-    """Per-layer keys and values of the tokens already processed, preallocated to the sequence length."""
+    """Per-layer keys and values of the tokens already processed, preallocated. With a frame `window` w > 0 (the
+    Random Frame Mask's window, DESIGN §3.3) it holds the prefix and the last w + 1 frames only: a frame's first
+    block evicts the frame that left the window, so memory is bounded by the window, not the video's length.
+    Keys are cached after RoPE, so eviction changes no position; what is cached is exactly what the next block may
+    attend to (the prefix, the visible history, the frame's earlier scales)."""
 
     def __init__(self, depth: int, batch: int, heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        shape = (batch, heads, max_len, head_dim)
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 prefix_len: int = 0, frame_len: int = 0, window: int = 0):
+        if window < 0 or (window > 0 and frame_len < 1):
+            raise ValueError(f"KV cache window must be >= 0 frames (with frame_len >= 1), got {window}")
+        self.prefix_len, self.frame_len, self.window = prefix_len, frame_len, window
+        self.capacity = max_len if window == 0 else min(max_len, prefix_len + (window + 1) * frame_len)
+        shape = (batch, heads, self.capacity, head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(depth)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(depth)]
-        self.length = 0  # tokens committed by every layer
-        self.key_keep: torch.Tensor | None = None  # (B, max_len) bool: False at text padding (set by the first block)
+        self.length = 0  # tokens of the sequence processed by every layer (positions)
+        self.stored = 0  # tokens held in the buffers (= length without eviction)
+        self.frames_held = 0  # frames (complete or begun) held after the prefix
+        # (B, capacity) bool: False at text padding (set by the first block); the prefix is never evicted
+        self.key_keep: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[2]
-        if end > self.k[layer].shape[2]:
-            raise ValueError(f"KV cache holds {self.k[layer].shape[2]} tokens, asked for {end}")
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
+        end = self.stored + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} tokens, asked for {end}")
+        self.k[layer][:, :, self.stored:end] = k
+        self.v[layer][:, :, self.stored:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def commit(self, tokens: int) -> None:
+        """Every layer has written `tokens` more."""
+        self.length += tokens
+        self.stored += tokens
+
+    def begin_frame(self) -> None:
+        """Called before a frame's first block: with a window, drop the oldest frame once w frames are held."""
+        if self.window and self.frames_held > self.window:
+            lo, n = self.prefix_len, self.frame_len
+            for buf in self.k + self.v:  # shift the kept frames down by one frame (copy: the ranges overlap)
+                buf[:, :, lo:self.stored - n] = buf[:, :, lo + n:self.stored].clone()
+            self.stored -= n
+            self.frames_held -= 1
+        self.frames_held += 1
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 class Attention(nn.Module):
@@ -98,7 +128,6 @@ class LayoutTensors:
     """Everything derived from a layout that a forward needs; computed once per layout."""
     scale_ids: torch.Tensor  # (L_video,) scale index per video token
     angles: torch.Tensor  # (L, head_dim/2) RoPE angles, prefix included
-    mask: torch.Tensor  # (L, L) block-causal bool mask
     sos: slice  # video-token range of frame 0, scale 0
 
 
@@ -110,7 +139,13 @@ def layout_tensors(layout: SequenceLayout, head_dim: int, base: float, stretch: 
     first = layout.blocks[0]
     angles = rope_angles(layout.positions(stretch, rope), head_dim, base).float()
     return LayoutTensors(scale[layout.prefix_len:].to(device), angles.to(device),
-                         block_causal_mask(layout, device=device), slice(0, first.end - layout.prefix_len))
+                         slice(0, first.end - layout.prefix_len))
+
+
+@lru_cache(maxsize=8)
+def layout_mask(layout: SequenceLayout, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """(L, L) block-causal bool mask of the full-sequence forward; the KV-cached blocks need none."""
+    return block_causal_mask(layout, device=device)
 
 
 class VideoAR(nn.Module):
@@ -215,7 +250,8 @@ class VideoAR(nn.Module):
             raise ValueError(f"features must be (B, {n_video}, {self.latent_dim}) for this layout, "
                              f"got {tuple(features.shape)}")
         x = torch.cat([self.prefix(cond, drop), self.embed_video(features, lt, 0, n_video)], dim=1)
-        mask = self.masked_keys(lt.mask if mask is None else mask, self.key_keep(cond, drop, layout.length))
+        mask = layout_mask(layout, x.device) if mask is None else mask
+        mask = self.masked_keys(mask, self.key_keep(cond, drop, layout.length))
         x = self.run_blocks(self.blocks, x, lt.angles, mask)
         return self.logits(x[:, layout.prefix_len:])
 
@@ -256,30 +292,41 @@ class VideoAR(nn.Module):
         return x
 
     # -- one block at a time (sampling) ------------------------------------------------------------------------
-    def new_cache(self, batch: int, layout: SequenceLayout) -> KVCache:
+    def new_cache(self, batch: int, layout: SequenceLayout, window: int = 0) -> KVCache:
+        """A cache for `layout`; `window` > 0 keeps only the last `window` history frames (the trained frame
+        window), so its size does not grow with the number of frames."""
         p = next(self.parameters())
         heads = self.blocks[0].attn.qkv.weight.shape[0] // (3 * self.cfg.head_dim)  # this rank's heads under tp
-        return KVCache(len(self.blocks), batch, heads, layout.length, self.cfg.head_dim, p.dtype, p.device)
+        return KVCache(len(self.blocks), batch, heads, layout.length, self.cfg.head_dim, p.dtype, p.device,
+                       layout.prefix_len, layout.tokens_per_frame, window)
 
     def forward_block(self, block: Block, features: torch.Tensor, layout: SequenceLayout, cache: KVCache,
                       cond: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, h*w, d, 2) of one block, attending to the cache; the first block also runs the prefix
-        (pass `cond`). Blocks must come in layout order."""
+        (pass `cond`). Blocks must come in layout order. Everything cached is visible to the block (its own scale
+        bidirectionally), so no mask is built beyond the prefix's and the text padding's."""
         lt, P = self.tensors(layout), layout.prefix_len
         lo, hi = block.start - P, block.end - P
         x = self.embed_video(features, lt, lo, hi)
-        start = block.start
+        start, mask = block.start, None
         if cache.length == 0:
             if cond is None:
                 raise ValueError("the first block needs the condition (cond=...)")
             x, start = torch.cat([self.prefix(cond, drop), x], dim=1), 0
-            cache.key_keep = self.key_keep(cond, drop, layout.length)
+            keep = self.key_keep(cond, drop, P)
+            if keep is not None:
+                cache.key_keep = torch.cat([keep, keep.new_ones(keep.shape[0], cache.capacity - P)], dim=1)
+            mask = torch.ones(block.end, block.end, dtype=torch.bool, device=x.device)
+            mask[:P, P:] = False  # prefix tokens see only the prefix
         if cache.length != start:
             raise ValueError(f"block ({block.frame}, {block.scale}) starts at token {start}, cache holds {cache.length}")
-        keep = None if cache.key_keep is None else cache.key_keep[:, :block.end]
+        if block.scale == 0:
+            cache.begin_frame()
+        if cache.key_keep is not None:
+            keep = cache.key_keep[:, :cache.stored + x.shape[1]]
+            mask = self.masked_keys(mask, keep) if mask is not None else keep[:, None, None, :]
         angles = lt.angles[start:block.end]
-        mask = self.masked_keys(lt.mask[start:block.end, :block.end], keep)
         for i, blk in enumerate(self.blocks):
             x = blk(x, angles, mask, cache, i)
-        cache.length = block.end
+        cache.commit(x.shape[1])
         return self.logits(x[:, block.start - start:])

@@ -42,8 +42,9 @@ def test_bits_codes_and_indices_round_trip_exactly(latents):
     for k, bits in enumerate(q.encode(f)):
         code = q.code(bits, k)
         assert torch.equal(q.code_to_bits(code), bits)
-        gain = q.log_gain[k].exp().item()
-        assert torch.allclose(code.abs(), torch.full_like(code, gain / math.sqrt(q.dim)))
+        # quantizer.gain=fixed (the default): the paper's codes +-1/sqrt(d) at every scale
+        assert q.log_gain is None and q.gain(k) == 1.0
+        assert torch.allclose(code.abs(), torch.full_like(code, 1 / math.sqrt(q.dim)))
         idx = q.bits_to_index(bits)
         assert idx.shape == (bits.shape[0], *bits.shape[2:]) and idx.min() >= 0 and idx.max() < 2 ** q.dim
         assert torch.equal(q.index_to_bits(idx, q.dim), bits)
@@ -87,3 +88,25 @@ def test_non_square_scales_and_grid_errors():
         q.encode(torch.randn(3, 4, 4, 4))
     with pytest.raises(ValueError, match="num_scales"):
         q.decode(bits, 0)
+
+
+def test_learned_gains_are_keyed_by_side_and_every_stage_schedule_reconstructs(latents):
+    """quantizer.gain=learned: one gain per side length of the tokenizer's schedule. A curriculum stage's view
+    (another schedule) uses the gain of each side it shares, whatever that side's position, reconstructs its own
+    grid better with every scale it adds, and a side the tokenizer never had is refused."""
+    fixed, f = latents
+    q = MultiScaleBitwiseQuantizer(fixed.dim, QuantizerConfig(scales=[1, 2, 4, 8], gain="learned"))
+    with torch.no_grad():
+        q.log_gain.copy_(torch.tensor([0.5, 0.2, -0.3, -0.9]))
+    assert q.gain_slot == {(1, 1): 0, (2, 2): 1, (4, 4): 2, (8, 8): 3}
+    for sizes in ([(1, 1), (2, 2), (4, 4)], [(2, 2), (4, 4)], [(1, 1), (4, 4), (8, 8)]):
+        view = q.for_sizes(sizes)
+        for k, s in enumerate(sizes):
+            assert float(view.gain(k)) == pytest.approx(float(q.log_gain[q.gain_slot[s]].exp()))
+        grid = torch.nn.functional.interpolate(f, size=sizes[-1], mode="area")
+        bits = view.encode(grid)
+        errors = [(view.decode(bits, n) - grid).pow(2).mean().item() for n in range(1, len(sizes) + 1)]
+        assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0], (sizes, errors)
+    with pytest.raises(ValueError, match=r"scale sides \[\(3, 3\)\] have no learned gain"):
+        q.for_sizes([(1, 1), (3, 3)])
+    assert fixed.for_sizes([(1, 1), (3, 3)]).gain(1) == 1.0  # fixed codes work on any schedule

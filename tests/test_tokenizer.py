@@ -11,10 +11,10 @@ from models.quantizer import QuantizerConfig
 from models.tokenizer import TokenizerConfig, VideoTokenizer, inflate_from_2d
 
 
-def make(tau=4, time_kernel=3, scales=(1, 2, 4)) -> VideoTokenizer:
+def make(tau=4, time_kernel=3, scales=(1, 2, 4), gain="fixed") -> VideoTokenizer:
     cfg = TokenizerConfig(latent_dim=8, spatial_compression=8, temporal_compression=tau, base_channels=8,
                           channel_mult=[1, 2, 2], time_kernel=time_kernel)
-    return VideoTokenizer(cfg, QuantizerConfig(scales=list(scales))).eval()
+    return VideoTokenizer(cfg, QuantizerConfig(scales=list(scales), gain=gain)).eval()
 
 
 def real_clip(clips_dir, frames=13) -> torch.Tensor:
@@ -86,8 +86,9 @@ def test_inflated_3d_tokenizer_reproduces_2d_on_a_single_frame(clips_dir):
         inflate_from_2d(tok3d, tok2d.state_dict(), mode="mean")
 
 
-def test_straight_through_gradients_reach_the_encoder(clips_dir):
-    tok, x = make(), real_clip(clips_dir, frames=5)
+@pytest.mark.parametrize("gain", ["fixed", "learned"])
+def test_straight_through_gradients_reach_the_encoder(clips_dir, gain):
+    tok, x = make(gain=gain), real_clip(clips_dir, frames=5)
     tok.train()
     out = tok(x)
     # the forward value is the quantized reconstruction, the gradient w.r.t. the latent is the identity
@@ -99,4 +100,30 @@ def test_straight_through_gradients_reach_the_encoder(clips_dir):
     (out.recon - x).abs().mean().backward()  # reconstruction loss only: no aux losses
     enc_grad = sum(p.grad.abs().sum().item() for p in tok.encoder.parameters() if p.grad is not None)
     assert enc_grad > 0, "no gradient reached the encoder through the quantizer"
-    assert tok.quantizer.log_gain.grad is not None and tok.quantizer.log_gain.grad.abs().sum() > 0
+    if gain == "learned":
+        assert tok.quantizer.log_gain.grad is not None and tok.quantizer.log_gain.grad.abs().sum() > 0
+    else:  # the paper's codes: nothing to learn in the quantizer
+        assert tok.quantizer.log_gain is None and not list(tok.quantizer.parameters())
+
+
+def test_a_checkpoint_from_before_quantizer_gain_loads_with_its_learned_gains(tmp_path):
+    """Tokenizer checkpoints written before `quantizer.gain` existed have learned gains (`quantizer.log_gain`) and no
+    `gain` key in their config: they load as `learned` with their gains, not refused as a mismatch."""
+    import json
+
+    from common.config import Config, DataConfig
+    from data_pipeline.tokenizer_ckpt import CONFIG, load_tokenizer, save_tokenizer
+
+    torch.manual_seed(0)
+    tok = make(gain="learned")
+    with torch.no_grad():
+        tok.quantizer.log_gain.copy_(torch.tensor([0.3, -0.2, -0.5]))
+    # the (1, 2, 4) schedule's 4x4 latent grid at f=8: 32x32 clips
+    cfg = Config(data=DataConfig(resolution=[32, 32]), tokenizer=tok.cfg, quantizer=tok.qcfg)
+    save_tokenizer(tok, cfg, tmp_path, step=7)
+    raw = json.loads((tmp_path / CONFIG).read_text())
+    del raw["quantizer"]["gain"]
+    (tmp_path / CONFIG).write_text(json.dumps(raw))
+    loaded, loaded_cfg, step = load_tokenizer(tmp_path)
+    assert step == 7 and loaded_cfg.quantizer.gain == "learned"
+    assert torch.equal(loaded.quantizer.log_gain, tok.quantizer.log_gain)

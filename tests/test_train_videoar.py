@@ -105,7 +105,8 @@ def test_overfit_then_greedy_sampling_reproduces_training_bits(clips_dir, tokeni
 
 def test_gradient_accumulation_matches_one_big_micro_batch(clips_dir, tokenizer_ckpt, tmp_path):
     """Random draws are per sample (flips, frame mask, condition dropout all on): 2 x 2 accumulated == 1 x 4
-    (fp32 summation order only: 1e-6)."""
+    (fp32 summation order only: losses 1e-6; weights 1e-5 = 1% of one lr-1e-3 step, since Adam divides by sqrt(v)
+    and a weight whose gradient is near zero moves by lr * dg / sqrt(v) for a summation-order dg)."""
     def stage(micro):
         return (f"curriculum=[{{name: s, until_step: 2, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
                 f"global_batch: 4, micro_batch: {micro}, flip_start: 0.2, flip_end: 0.3, p_mask: 0.3}}]")
@@ -117,7 +118,7 @@ def test_gradient_accumulation_matches_one_big_micro_batch(clips_dir, tokenizer_
     (l4, s4), (l2, s2) = runs
     assert l4 == pytest.approx(l2, abs=1e-6)
     for k in s4:
-        torch.testing.assert_close(s4[k], s2[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(s4[k], s2[k], rtol=0, atol=1e-5)
 
 
 def test_bf16_autocast_trains_close_to_fp32(clips_dir, tokenizer_ckpt, tmp_path):

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from models.attention_mask import block_causal_mask
+from models.attention_mask import block_causal_mask, frame_visibility
 from models.quantizer import MultiScaleBitwiseQuantizer, QuantizerConfig
 from models.sampler import SamplingConfig, guidance_gamma, sample, sample_bits
 from models.sequence_inputs import sequence_targets, split_frames_scales, teacher_forcing_features
@@ -65,6 +65,30 @@ def test_kv_cached_logits_equal_full_sequence_logits(cond, rope):
     for block in layout.blocks:
         parts.append(model.forward_block(block, feats[:, block.start - P:block.end - P], layout, cache, cond=c))
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cond, window", [("class", 1), ("text", 2)])
+def test_windowed_kv_cache_equals_the_window_mask_and_stays_bounded(cond, window):
+    """A frame window w at sampling (the Random Frame Mask's window): the KV cache evicts frames that left the window,
+    and its logits equal the full forward under the training mask with that window (1e-5, fp32). Its buffers hold
+    the prefix + (w + 1) frames whatever the length: 6 frames cost what w + 1 do."""
+    model = tiny_model(cond)
+    q = MultiScaleBitwiseQuantizer(D, QuantizerConfig(scales=[1, 2, 3]))
+    frames = 6
+    feats = teacher_forcing_features(q, random_bits(q, 2, frames))
+    c = torch.tensor([0, 2]) if cond == "class" else padded_text(torch.randn(2, 4, 12))
+    layout = model.layout_for(frames, q.sizes)
+    windowed = block_causal_mask(layout, frame_visibility(2, frames, window=window))
+    full = model(c, feats, layout, mask=windowed)
+    assert (full - model(c, feats, layout)).abs().max() > 1e-3  # the window changes what frames see
+    cache, P, parts = model.new_cache(2, layout, window=window), layout.prefix_len, []
+    for block in layout.blocks:
+        parts.append(model.forward_block(block, feats[:, block.start - P:block.end - P], layout, cache, cond=c))
+        assert cache.stored <= P + (window + 1) * layout.tokens_per_frame
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
+    assert cache.capacity == P + (window + 1) * layout.tokens_per_frame and cache.length == layout.length
+    short = model.new_cache(2, model.layout_for(window + 1, q.sizes), window=window)
+    assert cache.nbytes() == short.nbytes() < model.new_cache(2, layout).nbytes()
 
 
 def padded_text(states: torch.Tensor) -> torch.Tensor:
@@ -140,6 +164,26 @@ def test_sampler_inputs_mirror_teacher_forcing(rope):
     torch.testing.assert_close(torch.cat(seen, dim=1).view_as(full), full, rtol=0, atol=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(res.bits, bits))
     torch.testing.assert_close(res.latent[:, -1], q.decode([x[:, -1] for x in bits]))
+
+
+def test_sampler_honours_the_frame_window():
+    """Sampling with every frame given and a window feeds each block's logits from the windowed forward (the
+    training mask with that window); a window as long as the video changes nothing; the cache of a windowed
+    6-frame sample is the size of a 2-frame one."""
+    model = tiny_model()
+    q = MultiScaleBitwiseQuantizer(D, QuantizerConfig(scales=[1, 2, 4]))
+    bits, c = random_bits(q, 2, 6, seed=2), torch.tensor([1, 0])
+    layout = model.layout_for(6, q.sizes)
+    full = model(c, teacher_forcing_features(q, bits), layout, mask=block_causal_mask(layout, frame_visibility(2, 6, 1)))
+    seen = []
+    hook = model.head.register_forward_hook(lambda m, i, o: seen.append(o))
+    res = sample(model, q, c, 6, SamplingConfig(cfg_scale=1.0, temperature=0), given=bits, window=1)
+    hook.remove()
+    torch.testing.assert_close(torch.cat(seen, dim=1).view_as(full), full, rtol=0, atol=1e-5)
+    greedy = SamplingConfig(cfg_scale=1.0, temperature=0)
+    unbounded, long_window = sample(model, q, c, 4, greedy), sample(model, q, c, 4, greedy, window=3)
+    assert all(torch.equal(a, b) for a, b in zip(unbounded.bits, long_window.bits))
+    assert res.cache_bytes == sample(model, q, c, 2, greedy, window=1).cache_bytes < unbounded.cache_bytes
 
 
 def test_paper_layout_decodes_in_30_forwards():

@@ -2,11 +2,17 @@
 
     python -m trainer.sample --ckpt runs/demo/videoar/checkpoints --prompt "a red circle moving left" \
         [--prompt ...] [--init first.png|clip.mp4 --init-frames 1] [--cfg-scale 3 --cfg-schedule constant]
-        [--temperature 1 --top-p 1 --seed 0] [--out runs/demo/samples]
+        [--temperature 1 --top-p 1 --seed 0] [--frames 33 | --extend 4 --extend-context 1] [--out runs/demo/samples]
 
 Uses the newest committed checkpoint under --ckpt (or a step-XXXXXXXX directory), its config, and the frozen
 tokenizer the run was trained with. Generates at the last curriculum stage's resolution and length (--stage to
-pick another). Writes one .mp4 per sample and a contact-sheet PNG.
+pick another), honouring the stage's frame window (each frame sees the last `window` frames, and the KV cache holds
+only those). Writes one .mp4 per sample and a contact-sheet PNG.
+
+Longer videos, two ways: `--frames N` continues one sequence beyond the trained length (RoPE positions beyond
+training; memory grows with N unless a window was trained); `--extend N` makes N shots of the trained length, each
+started from the last `--extend-context` latent frames of the previous shot re-encoded through the causal tokenizer
+(the paper's frame re-encoding, "V2V shot N"): N x the trained length at the trained length's memory.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import sys
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
@@ -45,7 +52,8 @@ class Samples:
     contact_sheet: Path
     frames: np.ndarray  # uint8 (B, T, H, W, 3)
     forwards: int
-    scores: list[dict | None]  # per video: caption scores (trainer/video_metrics.py), None without a world caption
+    scores: list[dict | None]
+    cache_bytes: int = 0  # the KV cache of one shot (bounded by the frame window when the stage trained one)  # per video: caption scores (trainer/video_metrics.py), None without a world caption
 
 
 def load_videoar(ckpt: str | Path, device: str = "cpu") -> tuple[VideoAR, Config, int]:
@@ -94,6 +102,14 @@ def text_encoder(name: str, length: int) -> TextEncoder:
 
 
 @torch.no_grad()
+def encode_bits(tokenizer: VideoTokenizer, quantizer, video: torch.Tensor) -> list[torch.Tensor]:
+    """Per-scale bits [(B, T0, d, h_k, w_k)] of pixel frames (B, 3, 1 + k * tau, H, W) in [-1, 1]."""
+    b = video.shape[0]
+    z = tokenizer.encode_latent(video.to(next(tokenizer.parameters()).device))  # (B, d, T0, h, w)
+    bits = quantizer.encode(z.transpose(1, 2).flatten(0, 1))
+    return [x.view(b, -1, *x.shape[1:]) for x in bits]
+
+
 def given_bits(tokenizer: VideoTokenizer, quantizer, init: str | Path, init_frames: int, stage: StageConfig,
                batch: int) -> list[torch.Tensor]:
     """Bits of the first latent frames of an image or video (resized + center-cropped to the stage)."""
@@ -101,23 +117,32 @@ def given_bits(tokenizer: VideoTokenizer, quantizer, init: str | Path, init_fram
     if len(frames) < init_frames:
         raise ValueError(f"{init}: has {len(frames)} frames, --init-frames asks for {init_frames}")
     tokenizer.latent_frames(init_frames)  # 1 + k * tau
-    x = to_model_input(frames).to(next(tokenizer.parameters()).device)
-    z = tokenizer.encode_latent(x).transpose(1, 2)[0]  # (T0, d, h, w)
-    bits = quantizer.encode(z)
-    return [b[None].expand(batch, *b.shape) for b in bits]
+    bits = encode_bits(tokenizer, quantizer, to_model_input(frames))
+    return [x.expand(batch, *x.shape[1:]) for x in bits]
 
 
 def generate(model: VideoAR, cfg: Config, tokenizer: VideoTokenizer, cond: torch.Tensor, sampling: SamplingConfig,
              stage: StageConfig, init: str | Path | None = None, init_frames: int = 1, seed: int = 0,
-             frames: int | None = None) -> tuple[torch.Tensor, int]:
-    """Decoded videos (B, 3, T, H, W) in [-1, 1] and the number of transformer forwards; `frames` video frames
-    (1 + k * tau; default: the stage's), e.g. twice the trained length to see how a continuation drifts."""
+             frames: int | None = None, extend: int = 1, extend_context: int = 1) -> tuple[torch.Tensor, int, int]:
+    """Decoded videos (B, 3, T, H, W) in [-1, 1], the number of transformer forwards and the KV cache's bytes;
+    `frames` video frames (1 + k * tau; default: the stage's), e.g. twice the trained length to see how a
+    continuation drifts; `extend` shots of that length chained by re-encoding (see the module docstring)."""
     quantizer = tokenizer.quantizer.for_sizes(stage.sizes)
     num_latent = tokenizer.latent_frames(frames or stage.frames)
+    if extend < 1 or not 1 <= extend_context < num_latent:
+        raise ValueError(f"--extend must be >= 1 and --extend-context in 1..{num_latent - 1} (latent frames of a "
+                         f"shot: {num_latent}), got {extend} and {extend_context}")
     given = None if init is None else given_bits(tokenizer, quantizer, init, init_frames, stage, cond.shape[0])
-    res = sample(model, quantizer, cond, num_latent, sampling, given, torch.Generator().manual_seed(seed))
-    video = tokenizer.decode_latent(res.latent.transpose(1, 2))
-    return video, res.forwards
+    gen = torch.Generator().manual_seed(seed)
+    pieces, forwards, cache_bytes = [], 0, 0
+    overlap = 1 + tokenizer.cfg.temporal_compression * (extend_context - 1)  # video frames re-encoded per shot
+    for shot in range(extend):
+        res = sample(model, quantizer, cond, num_latent, sampling, given, gen, window=stage.window)
+        video = tokenizer.decode_latent(res.latent.transpose(1, 2))
+        pieces.append(video if shot == 0 else video[:, :, overlap:])  # the context frames are already there
+        given = [x[:, :extend_context] for x in encode_bits(tokenizer, quantizer, video[:, :, -overlap:])]
+        forwards, cache_bytes = forwards + res.forwards, max(cache_bytes, res.cache_bytes)
+    return torch.cat(pieces, dim=2), forwards, cache_bytes
 
 
 def write_samples(frames: np.ndarray, out_dir: str | Path, fps: float, labels: list[str]) -> tuple[list[Path], Path]:
@@ -136,14 +161,16 @@ def write_samples(frames: np.ndarray, out_dir: str | Path, fps: float, labels: l
 def sample_model_to_files(model: VideoAR, cfg: Config, step: int, tokenizer: VideoTokenizer, out_dir: str | Path,
                           prompts: list[str] = (), class_ids: list[int] = (), sampling: dict | None = None,
                           stage: StageConfig | None = None, init: str | Path | None = None, init_frames: int = 1,
-                          seed: int = 0, frames: int | None = None) -> Samples:
+                          seed: int = 0, frames: int | None = None, extend: int = 1, extend_context: int = 1
+                          ) -> Samples:
     """Sample a model in memory (trained `step` steps with `cfg`) into .mp4 files, each with a JSON sidecar
     (prompt or class, seed, sampling, checkpoint step, stage, init, caption scores), and a contact sheet."""
     device = next(model.parameters()).device
     stage = stage or cfg.curriculum[-1]
     cond = condition(model, list(prompts), list(class_ids)).to(device)
     sampling_cfg = replace(cfg.sample, **(sampling or {}))  # the run's defaults, overridden per call
-    video, forwards = generate(model, cfg, tokenizer, cond, sampling_cfg, stage, init, init_frames, seed, frames)
+    video, forwards, cache_bytes = generate(model, cfg, tokenizer, cond, sampling_cfg, stage, init, init_frames,
+                                            seed, frames, extend, extend_context)
     labels = list(prompts) if prompts else [f"class {i}" for i in class_ids]
     frames_u8 = to_uint8_frames(video)
     paths, sheet = write_samples(frames_u8, out_dir, cfg.data.fps, labels)
@@ -151,25 +178,33 @@ def sample_model_to_files(model: VideoAR, cfg: Config, step: int, tokenizer: Vid
     for i, path in enumerate(paths):  # what made each video, and how it scores against its caption
         meta = {"prompt": prompts[i]} if prompts else {"class": class_ids[i]}
         meta.update(seed=seed, sampling=asdict(sampling_cfg), checkpoint_step=step, stage=stage.name,
-                    frames=int(frames_u8.shape[1]), init=str(init) if init else None,
+                    frames=int(frames_u8.shape[1]), window=stage.window, extend=extend,
+                    extend_context=extend_context if extend > 1 else 0, init=str(init) if init else None,
                     init_frames=init_frames if init else 0, metrics=scores[i])
         atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
     log.info("step %d: %d samples, %d forwards", step, len(paths), forwards)
-    return Samples(paths, sheet, frames_u8, forwards, scores)
+    return Samples(paths, sheet, frames_u8, forwards, scores, cache_bytes)
 
 
 def sample_to_files(ckpt: str | Path, out_dir: str | Path, prompts: list[str] = (), class_ids: list[int] = (),
                     sampling: dict | None = None, stage_name: str | None = None,
                     init: str | Path | None = None, init_frames: int = 1, seed: int = 0,
-                    tokenizer_ckpt: str | Path | None = None, device: str = "cpu", frames: int | None = None
-                    ) -> Samples:
+                    tokenizer_ckpt: str | Path | None = None, device: str = "cpu", frames: int | None = None,
+                    extend: int = 1, extend_context: int = 1) -> Samples:
     """`sample_model_to_files` of a checkpoint (newest committed step of a root, a step directory or a
     consolidated file) with the tokenizer it was trained with."""
     device = rank_device(device)
     model, cfg, step = load_videoar(ckpt, str(device))
     tokenizer, _, _ = load_tokenizer(tokenizer_ckpt or cfg.videoar_train.tokenizer_ckpt, str(device))
     return sample_model_to_files(model, cfg, step, tokenizer, out_dir, prompts, class_ids, sampling,
-                                 pick_stage(cfg, stage_name), init, init_frames, seed, frames)
+                                 pick_stage(cfg, stage_name), init, init_frames, seed, frames, extend, extend_context)
+
+
+def peak_memory_mib(device: str) -> float:
+    """Peak device memory on CUDA; on the CPU the process's peak resident set (ru_maxrss is in KiB on Linux)."""
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer checkpoint (default: the one the run was trained with)")
     parser.add_argument("--frames", type=int, help="video frames to generate, 1 + k * tau (default: the stage's "
                                                    "length; longer = continuation beyond the trained length)")
+    parser.add_argument("--extend", type=int, default=1, help="shots of the trained length, each continued from the "
+                                                              "previous one's last frames re-encoded (N x the length)")
+    parser.add_argument("--extend-context", type=int, default=1, help="latent frames of the previous shot that start "
+                                                                      "the next one (1 = its last video frame)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to sample (cuda: cuda:0)")
     parser.add_argument("--out", default=None, help="output directory (default: <run.dir>/samples when --ckpt is "
@@ -200,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
                                        ("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
         out_dir = args.out or Path(args.ckpt).resolve().parent.parent / "samples"
         out = sample_to_files(args.ckpt, out_dir, args.prompt, args.class_id, overrides, args.stage, args.init,
-                              args.init_frames, args.seed, args.tokenizer, args.device, args.frames)
+                              args.init_frames, args.seed, args.tokenizer, args.device, args.frames, args.extend,
+                              args.extend_context)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
-    print(f"{len(out.videos)} samples ({out.forwards} transformer forwards): "
+    print(f"{len(out.videos)} samples of {out.frames.shape[1]} frames ({out.forwards} transformer forwards, KV cache "
+          f"{out.cache_bytes / 2**20:.1f} MiB, peak memory {peak_memory_mib(args.device):.0f} MiB): "
           f"{', '.join(str(p) for p in out.videos)}\ncontact sheet: {out.contact_sheet}")
     return 0
 
