@@ -48,6 +48,9 @@ class RunConfig:
 @dataclass
 class DataConfig:
     clips_dir: str = "runs/demo/clips"  # a folder of .mp4 clips (+ optional .json/.txt captions)
+    # clips_dir (and preprocess.input) hold one sub-folder of videos per class, as UCF-101 does: the class id is the
+    # folder's index among the sorted folder names, the caption the folder name (unless a sidecar gives one)
+    class_folders: bool = False
     synth_clips: int = 24  # the demo generates this many synthetic clips into clips_dir when it is empty
     synth_frames: int = 33  # length of each generated clip
     synth_world: str = "full"  # easy | medium | full: what the generated clips contain (data_pipeline/synth.py)

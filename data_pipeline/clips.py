@@ -58,20 +58,51 @@ def read_caption(video_path: Path) -> str:
     return read_sidecar(video_path)[0]
 
 
-def load_clip_folder(folder: str | Path, resolution: tuple[int, int], min_frames: int,
-                     progress: bool = True) -> list[Clip]:
-    """Decode every .mp4 in `folder` (sorted by name) at `resolution` (resize + center crop)."""
+VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
+SIDECAR_EXTS = {".json", ".txt"}  # a video's caption (`parse_sidecar`)
+
+
+def folder_classes(keys: list[str]) -> dict[str, int]:
+    """Class folder name -> class id (its index among the sorted names) of relative video paths laid out as
+    `<class>/<video>` (UCF-101's layout, `data.class_folders`); a video outside a class folder is refused."""
+    loose = [k for k in keys if len(Path(k).parts) < 2]
+    if loose:
+        raise ValueError(f"data.class_folders=true, but {loose[0]} (and {len(loose) - 1} more) is not inside a class "
+                         f"folder: lay videos out as <class>/<video> or set data.class_folders=false")
+    return {name: i for i, name in enumerate(sorted({Path(k).parts[0] for k in keys}))}
+
+
+def list_clip_files(folder: str | Path, class_folders: bool = False) -> list[tuple[Path, int | None, str | None]]:
+    """(path, class id, class name) of the clips in `folder`: its .mp4 files sorted by name, or with
+    `class_folders` the videos in its sub-folders, one class per sub-folder, interleaved across classes (each
+    class's first video, then each one's second, ...) so the held-out tail (`split_heldout`) spans classes."""
     folder = Path(folder)
-    paths = sorted(folder.glob("*.mp4")) if folder.is_dir() else []
-    if not paths:
-        raise FileNotFoundError(f"{folder}: no .mp4 clips found; generate demo clips with "
-                                f"`python -m data_pipeline.synth --out {folder} --clips 24`")
+    if not class_folders:
+        return [(p, None, None) for p in (sorted(folder.glob("*.mp4")) if folder.is_dir() else [])]
+    rel = sorted(str(p.relative_to(folder)) for p in folder.glob("*/*") if p.suffix.lower() in VIDEO_EXTS)
+    classes = folder_classes(rel)
+    per_class = [[r for r in rel if Path(r).parts[0] == name] for name in classes]
+    order = sorted(((i, c) for c, paths in enumerate(per_class) for i in range(len(paths))))
+    return [(folder / per_class[c][i], c, list(classes)[c]) for i, c in order]
+
+
+def load_clip_folder(folder: str | Path, resolution: tuple[int, int], min_frames: int,
+                     progress: bool = True, class_folders: bool = False) -> list[Clip]:
+    """Decode every clip of `folder` (`list_clip_files`) at `resolution` (resize + center crop). With
+    `class_folders` a clip's class is its folder and its caption the folder name unless a sidecar says more."""
+    folder = Path(folder)
+    files = list_clip_files(folder, class_folders)
+    if not files:
+        hint = ("sub-folders of videos, one per class (data.class_folders=true)" if class_folders else
+                f".mp4 clips; generate demo clips with `python -m data_pipeline.synth --out {folder} --clips 24`")
+        raise FileNotFoundError(f"{folder}: no clips found; expected {hint}")
     clips = []
-    for path in tqdm(paths, desc=f"decoding {folder}", unit="clip", disable=not progress):
+    for path, class_id, class_name in tqdm(files, desc=f"decoding {folder}", unit="clip", disable=not progress):
         frames = read_video(path, size=tuple(resolution))
         if len(frames) < min_frames:
             raise ValueError(f"{path}: has {len(frames)} frames, training needs at least {min_frames}")
-        clips.append(Clip(path, frames, *read_sidecar(path)))
+        caption, cls = read_sidecar(path)
+        clips.append(Clip(path, frames, caption or class_name or "", cls if class_id is None else class_id))
     return clips
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import config_arg_parser, config_from_args
-from data_pipeline.clips import parse_sidecar, to_model_input
+from data_pipeline.clips import SIDECAR_EXTS, VIDEO_EXTS, folder_classes, parse_sidecar, to_model_input
 from data_pipeline.object_store import Store, open_store
 from data_pipeline.preprocess_report import Meter, Summary
 from data_pipeline.shards import ShardRecord, sample_dict, write_tar_shard
@@ -41,7 +41,6 @@ from data_pipeline.video_io import VideoDecodeError, probe_video, read_video
 from models.text_encoder import TextEncoder
 
 log = logging.getLogger("preprocess")
-VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
 MANIFEST, QUARANTINE, PROGRESS = "manifest.json", "quarantine.json", "_progress"
 FORMAT, FORMAT_VERSION = "videoar-shards", 1
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -173,15 +172,17 @@ def preprocess(cfg, progress: bool = True) -> Summary:
     buckets = buckets_of(cfg)
     tok_hash = tokenizer_hash(cfg.videoar_train.tokenizer_ckpt)
     t0 = time.time()
-    inputs = [(k, s) for k, s in src.list() if Path(k).suffix.lower() in VIDEO_EXTS]
+    listed = list(src.list())
+    inputs = [(k, s) for k, s in listed if Path(k).suffix.lower() in VIDEO_EXTS]
     if not inputs:
         raise FileNotFoundError(f"{p.input}: no videos ({', '.join(sorted(VIDEO_EXTS))}) found")
+    not_videos = sorted(k for k, _ in listed if Path(k).suffix.lower() not in VIDEO_EXTS | SIDECAR_EXTS)
     done = {r["id"]: r for r in _progress_records(out, "inputs").values()}
     shards = _progress_records(out, "shards")
     if any(r.get("tokenizer") != tok_hash for r in shards.values()):
         raise ValueError(f"{p.output}: holds shards made with another tokenizer; use a new output location")
     todo = [(k, s) for k, s in inputs if input_id(k, s) not in done]
-    summary = Summary(inputs=len(inputs), skipped=len(inputs) - len(todo))
+    summary = Summary(inputs=len(inputs), skipped=len(inputs) - len(todo), not_videos=not_videos)
     writers = {b.name: BucketWriter(b, 1 + max([int(r["name"][-10:-4]) for r in shards.values()
                                                   if r["name"].startswith(b.name + "/")], default=-1))
                for b in buckets}
@@ -193,7 +194,8 @@ def preprocess(cfg, progress: bool = True) -> Summary:
             summary.quarantine = json.loads(out.read(QUARANTINE)) if out.exists(QUARANTINE) else []
         else:
             if todo:
-                _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint, meter)
+                classes = folder_classes([k for k, _ in inputs]) if d.class_folders else {}
+                _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint, meter, classes)
             _write_manifest(out, buckets, tok_hash, summary)
     finally:
         summary.seconds = time.time() - t0
@@ -233,7 +235,8 @@ def _add_encoded(w: BucketWriter, state: dict, iid: str, key: str, starts: list[
     state["clips"] += len(starts)
 
 
-def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint, meter: Meter) -> None:
+def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint, meter: Meter,
+         classes: dict[str, int]) -> None:
     p, v = cfg.preprocess, cfg.videoar
     started_here = _start_ray(ray, p)
     meter.started()
@@ -260,6 +263,8 @@ def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint
                                         "reason": res["quarantine"]})
                     meter.input_done()
                     continue
+                if classes:  # data.class_folders: the class is the folder, the caption its name unless a sidecar says
+                    res.update(cls=classes[Path(key).parts[0]], caption=res["caption"] or Path(key).parts[0])
                 waiting[iid] = {"encodes": len(res["clips"]), "buckets": set(), "key": key, "clips": 0}
                 for bname, clips in res["clips"].items():
                     actor = actors[turn % len(actors)]
@@ -314,13 +319,16 @@ def _finish_if_done(out: Store, iid: str, waiting: dict, src: Store, summary: Su
 
 
 def _commit_input(out: Store, record: dict) -> None:
-    out.write(f"{PROGRESS}/inputs/{record['id']}.json", json.dumps(record).encode())
+    out.write(f"{PROGRESS}/inputs/{record['id']}.json", json.dumps({**record, "time": time.time()}).encode())
 
 
 def _write_manifest(out: Store, buckets: list[Bucket], tok_hash: str, summary: Summary) -> None:
     """Manifest of every committed shard (this run's and earlier runs'), and the quarantine report; last."""
     shards = sorted(_progress_records(out, "shards").values(), key=lambda r: r["name"])
-    inputs = list(_progress_records(out, "inputs").values())
+    latest: dict[str, dict] = {}  # an input replaced since (another size: another id) reports its newest outcome
+    for r in sorted(_progress_records(out, "inputs").values(), key=lambda r: r.get("time", 0.0)):
+        latest[r["input"]] = r
+    inputs = list(latest.values())
     summary.quarantine = sorted(({"input": r["input"], "reason": r["reason"]} for r in inputs
                                  if r["status"] == "quarantined"), key=lambda r: r["input"])
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "tokenizer": tok_hash, "created": time.time(),
@@ -355,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{s.total_samples} samples in {cfg.preprocess.output}/{MANIFEST}")
     for q in s.quarantine:
         print(f"  quarantined {q['input']}: {q['reason']}")
+    if s.not_videos:
+        print(f"skipped {len(s.not_videos)} files that are not videos ({', '.join(sorted(VIDEO_EXTS))}; "
+              f"sidecars {', '.join(sorted(SIDECAR_EXTS))} aside): {', '.join(s.not_videos[:20])}"
+              f"{' ...' if len(s.not_videos) > 20 else ''}")
     return 0 if s.total_samples > 0 else 1
 
 

@@ -23,6 +23,7 @@ class Summary:
     startup_seconds: float = 0.0  # of `seconds`, until the Ray runtime was up
     total_samples: int = 0
     quarantine: list = field(default_factory=list)
+    not_videos: list = field(default_factory=list)  # input files skipped for their extension (sidecars aside)
 
 
 class Meter:

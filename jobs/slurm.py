@@ -110,10 +110,13 @@ def cancel(job_id: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("submit", "status", "cancel"):
-        print(__doc__)
-        return 2
-    command, rest = argv[0], argv[1:]
+    top = argparse.ArgumentParser(prog="python -m jobs.slurm", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("command", choices=("submit", "status", "cancel"), help="what to do (each has its own --help)")
+    # --help prints the help and exits 0; no or an unknown command exits 2 with the usage; the subcommands'
+    # own --help goes to their parsers below
+    parsed = top.parse_args(argv[:1])
+    command, rest = parsed.command, argv[1:]
     if command == "submit":
         parser = config_arg_parser("Render and submit the sbatch script (see python -m jobs.slurm).")
         parser.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")

@@ -22,6 +22,7 @@ from data_pipeline.tokenizer_ckpt import load_tokenizer
 from trainer.train_videoar import VideoARTrainer
 
 GOOD = 4  # clips of 13 frames -> 2 clips of 5 frames each
+NOT_VIDEOS = ("audio_only.m4a", "notes.md")  # inputs without a video extension
 STAGE = ("curriculum=[{name: s, until_step: 3, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
          "global_batch: 4, micro_batch: 2}]")
 
@@ -72,6 +73,8 @@ def s3_shards(s3_endpoint, clips_dir, tokenizer_ckpt, tmp_path_factory):
     }
     for name, data in bad.items():
         src.write(name, data)
+    for name in NOT_VIDEOS:  # skipped for their extension, and said so
+        src.write(name, b"not a video")
     cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp / "run", STAGE, "preprocess.input=s3://videos/in",
                    "preprocess.output=s3://shards/out", f"data.endpoint_url={s3_endpoint}",
                    "preprocess.shard_bytes=4096", "preprocess.workers=2", "preprocess.batch_size=2")
@@ -96,6 +99,7 @@ def test_every_good_clip_once_and_every_bad_file_quarantined(s3_shards, s3_endpo
     assert "too short" in quarantine["short.mp4"] and "too small" in quarantine["small.mp4"]
     assert "readable" in quarantine["text.mp4"]
     assert summary.clips == 2 * GOOD and summary.quarantined == len(bad)
+    assert summary.not_videos == sorted(NOT_VIDEOS)  # listed, never silently dropped
 
 
 def test_latents_equal_the_tokenizer_output(s3_shards, s3_endpoint, tokenizer_ckpt):
@@ -225,3 +229,15 @@ def test_interrupted_run_resumes_without_duplicates(s3_shards, s3_endpoint):
     assert again.clips == 2 and again.shards >= 1
     keys = [o[0] for s in json.loads(out.read("manifest.json"))["buckets"]["32x32x5"]["shards"] for o in s["offsets"]]
     assert len(keys) == len(set(keys)) == 2 * GOOD
+
+
+def test_a_quarantined_input_replaced_by_a_good_one_leaves_the_quarantine_report(s3_shards, s3_endpoint):
+    """quarantine.json is the latest outcome per input: text.mp4 replaced by a real clip (another size, another
+    input id) is processed by the re-run and no longer reported. (Runs after the resume test: adds shards.)"""
+    cfg, _, good, _ = s3_shards
+    src, out = open_store("s3://videos/in", s3_endpoint), open_store("s3://shards/out", s3_endpoint)
+    src.write("text.mp4", good[0].read_bytes())
+    again = preprocess(cfg, progress=False)
+    assert again.clips == 2 and again.quarantined == 0
+    reported = {q["input"].rsplit("/", 1)[1] for q in json.loads(out.read("quarantine.json"))}
+    assert "text.mp4" not in reported and "empty.mp4" in reported

@@ -11,7 +11,7 @@ import torch
 
 from common.config import Config
 from common.train_config import StageConfig
-from data_pipeline.clips import load_clip_folder, split_heldout
+from data_pipeline.clips import list_clip_files, load_clip_folder, split_heldout
 from data_pipeline.latent_set import cache_key, encode_latent_set, load_latent_set, save_latent_set
 from data_pipeline.loader import ShardSet
 from data_pipeline.tokenizer_ckpt import WEIGHTS, load_tokenizer
@@ -44,7 +44,7 @@ def stage_data(cfg: Config, tokenizer, stage: StageConfig, progress: bool, heldo
     if cached is not None:
         return cached
     clips_dir = Path(d.clips_dir)
-    clips = load_clip_folder(clips_dir, tuple(stage.resolution), stage.frames, progress=progress)
+    clips = load_clip_folder(clips_dir, tuple(stage.resolution), stage.frames, progress, d.class_folders)
     train, held = split_heldout(clips, d.heldout_clips, clips_dir)
     encoder = None
     if v.cond == "text":
@@ -61,7 +61,8 @@ def latent_cache(cfg: Config, stage: StageConfig, heldout: bool = False) -> tupl
     """(path, key) of a stage's encoded-latent cache; the key covers the tokenizer, the clips and the settings."""
     v, d = cfg.videoar, cfg.data
     clips_dir = Path(d.clips_dir)
-    listing = sorted((p.name, p.stat().st_size) for p in clips_dir.glob("*.mp4")) if clips_dir.is_dir() else []
+    listing = [(str(p.relative_to(clips_dir)), p.stat().st_size, c) for p, c, _ in list_clip_files(clips_dir,
+                                                                                                  d.class_folders)]
     weights = Path(cfg.videoar_train.tokenizer_ckpt) / WEIGHTS
     key = cache_key(weights.stat().st_mtime_ns, weights.stat().st_size, listing, d.heldout_clips, stage.resolution,
                     stage.frames, v.cond, v.text_encoder, v.text_len, v.num_classes)
