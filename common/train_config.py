@@ -54,36 +54,66 @@ class StageConfig:
 
 @dataclass
 class TokenizerTrainConfig:
-    steps: int = 200
-    batch_size: int = 4
-    lr: float = 1e-3
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    steps: int = 200  # optimizer steps
+    batch_size: int = 4  # clips (random data.frames-long windows) per step
+    lr: float = 1e-3  # tokenizer AdamW peak learning rate (linear warm-up, cosine decay)
+    warmup_steps: int = 10  # linear learning-rate warm-up steps
+    weight_decay: float = 0.0  # AdamW weight decay on conv kernels (none on norms and biases)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])  # tokenizer AdamW betas
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    l1_weight: float = 1.0
-    l2_weight: float = 1.0
-    commit_weight: float = 0.25
-    entropy_weight: float = 0.01
-    log_every: int = 10
-    eval_every: int = 100
-    ckpt_every: int = 100
+    l1_weight: float = 1.0  # weight of mean |x^ - x|
+    l2_weight: float = 1.0  # weight of mean (x^ - x)^2
+    commit_weight: float = 0.25  # weight of the quantizer's commitment loss
+    entropy_weight: float = 0.01  # weight of the quantizer's entropy penalty
+    log_every: int = 10  # training losses to metrics.jsonl every this many steps
+    eval_every: int = 100  # held-out evaluation every this many steps (and at the end)
+    ckpt_every: int = 100  # checkpoint every this many steps (and at the end)
+    # Eq. 4's optional terms (models/tokenizer_losses.py); at their defaults the loss is l1 + l2 + commit + entropy
+    # and the run is exactly the one without them.
+    gan_weight: float = 0.0  # base weight of the hinge generator loss of a causal 3D discriminator; 0 = no GAN
+    gan_start_step: int = 0  # the discriminator trains, and the generator loss applies, only after this step
+    adaptive_gan_weight: bool = True  # gan_weight * ||grad rec|| / (||grad G|| + 1e-4) at the decoder's last conv
+    disc_lr: float = 2e-4  # discriminator AdamW learning rate (constant; tokenizer_train.grad_clip applies too)
+    disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # discriminator AdamW betas
+    disc_channels: int = 16  # width of the discriminator's first layer (doubled per layer, at most 8x)
+    disc_layers: int = 3  # stride-2 causal conv layers: one logit per frame and (H/2^n x W/2^n) patch
+    lecam_weight: float = 0.001  # LeCAM regularization weight in the discriminator loss (MAGVIT-v2: 0.001)
+    lecam_decay: float = 0.99  # EMA decay of the mean real / fake discriminator outputs LeCAM anchors to
+    perceptual_weight: float = 0.0  # weight of the perceptual feature distance; 0 = off (needs perceptual_net)
+    perceptual_net: str = ""  # TorchScript file: frames (N,3,H,W) in [-1,1] -> features (tensor or list); none ships
+    perceptual_distance: str = "l2"  # l2 | l1: mean squared / absolute feature difference
+    # Inflation (DESIGN §3.1): a 2D image tokenizer checkpoint dir (tokenizer.time_kernel=1,
+    # tokenizer.temporal_compression=1, otherwise the same tokenizer/quantizer) loaded into the 3D one before step 1;
+    # "" = train from scratch
+    init_from: str = ""
+    init_mode: str = "zero"  # zero: the 3D kernels' earlier time slices are 0 (a frame's 2D result exactly) | random:
+    #                          small random values (the paper's)
 
     def __post_init__(self) -> None:
         p = "tokenizer_train"
-        for name in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every"):
+        for name in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "disc_channels", "disc_layers"):
             check(getattr(self, name) >= 1, f"{p}.{name}", f"must be >= 1, got {getattr(self, name)}")
         check(self.lr > 0, f"{p}.lr", f"must be > 0, got {self.lr}")
-        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas",
-              f"must be two numbers in [0, 1), got {list(self.betas)}")
+        for name in ("betas", "disc_betas"):
+            v = getattr(self, name)
+            check(len(v) == 2 and all(0 <= b < 1 for b in v), f"{p}.{name}", f"must be two numbers in [0, 1), got "
+                  f"{list(v)}")
         check(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0 (0 disables)")
+        for name in ("gan_weight", "gan_start_step", "lecam_weight", "perceptual_weight"):
+            check(getattr(self, name) >= 0, f"{p}.{name}", f"must be >= 0, got {getattr(self, name)}")
+        check(self.disc_lr > 0, f"{p}.disc_lr", f"must be > 0, got {self.disc_lr}")
+        check(0 <= self.lecam_decay < 1, f"{p}.lecam_decay", f"must be in [0, 1), got {self.lecam_decay}")
+        check(self.perceptual_weight == 0 or bool(self.perceptual_net), f"{p}.perceptual_net",
+              f"perceptual_weight={self.perceptual_weight} needs a TorchScript feature network path (none ships)")
+        check_choice(f"{p}.perceptual_distance", self.perceptual_distance, ("l2", "l1"))
+        check_choice(f"{p}.init_mode", self.init_mode, ("zero", "random"))  # models/tokenizer.py inflate_from_2d
 
 
 @dataclass
 class VideoARTrainConfig:
     tokenizer_ckpt: str = "runs/demo/tokenizer/checkpoint"  # frozen tokenizer that pre-encodes the clips
     steps: int = 200  # only without a `curriculum`: one stage at data.resolution / data.frames / quantizer.scales
-    lr: float = 1e-3
+    lr: float = 1e-4  # peak LR of the warm-up + cosine schedule (the paper's, Appendix A)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the curriculum's last step
     warmup_steps: int = 20
     weight_decay: float = 0.05  # none on norms, biases, embeddings

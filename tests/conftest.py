@@ -26,7 +26,7 @@ TINY = [
 ]
 VIDEOAR = [
     "videoar.preset=custom", "videoar.depth=2", "videoar.width=32", "videoar.heads=2", "videoar.cond=class",
-    "videoar.num_classes=8", "videoar_train.log_every=1", "videoar_train.warmup_steps=2",
+    "videoar.num_classes=8", "videoar_train.log_every=1", "videoar_train.warmup_steps=2", "videoar_train.lr=1e-3",
 ]
 
 

@@ -6,6 +6,22 @@ Writes under <run.dir>/tokenizer/: config.yaml (resolved), checkpoint/ (model.sa
 metrics.jsonl + tensorboard/ (loss; held-out PSNR, SSIM, PSNR from the first k scales, object colour error:
 trainer/tokenizer_eval.py; the reconstructions as an image), recon/ (held-out originals next to reconstructions
 as .mp4, and a contact-sheet PNG).
+
+The objective is paper Eq. 4 (models/tokenizer_losses.py): l1 + l2 + commitment + entropy, plus, when their weights
+are > 0, a perceptual feature distance (`tokenizer_train.perceptual_weight`, a TorchScript network you supply in
+`perceptual_net`) and a hinge GAN with LeCAM against a causal 3D discriminator (`gan_weight`, switched on after
+`gan_start_step`, its own AdamW at `disc_lr`; logged: d_loss, g_loss, lecam, gan_weight_eff; its weights in
+<run.dir>/tokenizer/discriminator.safetensors). trainer/tokenizer_gan.py wires them in.
+
+Inflation from a 2D image tokenizer: train one on single frames, then start the 3D one from it:
+
+    python -m trainer.train_tokenizer --config configs/demo.yaml run.dir=runs/tok2d \
+        tokenizer.time_kernel=1 tokenizer.temporal_compression=1 data.frames=1
+    python -m trainer.train_tokenizer --config configs/demo.yaml \
+        tokenizer_train.init_from=runs/tok2d/tokenizer/checkpoint [tokenizer_train.init_mode=zero|random]
+
+(trainer/tokenizer_init.py: the 2D kernels go into the temporally last slice; with `zero` the step-0 3D
+tokenizer reconstructs each clip's first frame exactly as the 2D one does.)
 """
 
 from __future__ import annotations
@@ -17,17 +33,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_pipeline.clips import Clip, load_clip_folder, random_windows, split_heldout, to_model_input, to_uint8_frames
 from data_pipeline.video_io import write_contact_sheet, write_video
 from models.tokenizer import TokenizerOutput, VideoTokenizer
+from models.tokenizer_losses import TokenizerObjective
 from common.config import Config, TokenizerTrainConfig, config_arg_parser, config_from_args, save_config
 from common.metrics import MetricSinks, psnr
 from parallel.optim import param_groups, warmup_cosine
 from data_pipeline.tokenizer_ckpt import save_tokenizer
 from trainer.tokenizer_eval import tokenizer_quality
+from trainer.tokenizer_gan import TokenizerGan
+from trainer.tokenizer_init import init_from_2d
 
 log = logging.getLogger("train_tokenizer")
 
@@ -43,12 +61,22 @@ class TokenizerRun:
 
 
 def tokenizer_loss(out: TokenizerOutput, x: torch.Tensor, t: TokenizerTrainConfig) -> tuple[torch.Tensor, dict]:
-    l1, l2 = F.l1_loss(out.recon, x), F.mse_loss(out.recon, x)
-    loss = t.l1_weight * l1 + t.l2_weight * l2 + t.commit_weight * out.quant.commit_loss \
-        + t.entropy_weight * out.quant.entropy_loss
-    parts = {"loss": loss.item(), "l1": l1.item(), "l2": l2.item(), "commit": out.quant.commit_loss.item(),
-             "entropy": out.quant.entropy_loss.item()}
-    return loss, parts
+    """l1 + l2 + commitment + entropy (Eq. 4 without its optional terms), with the logged parts."""
+    return TokenizerObjective(t).generator_loss(out, x)
+
+
+def train_step(model: VideoTokenizer, gan: TokenizerGan, opt: torch.optim.Optimizer, x: torch.Tensor, step: int,
+               t: TokenizerTrainConfig) -> dict[str, float]:
+    """One tokenizer step (then, once the GAN is on, one discriminator step); the logged parts."""
+    out = model(x)
+    loss, parts = gan.generator_loss(out, x, step)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if t.grad_clip:
+        parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
+    opt.step()
+    parts.update(gan.discriminator_step(x, out.recon.detach(), step))
+    return parts
 
 
 def eval_batch(clips: list[Clip], frames: int) -> torch.Tensor:
@@ -79,11 +107,15 @@ def train_tokenizer(cfg: Config, progress: bool = True) -> TokenizerRun:
     save_config(cfg, out_dir / "config.yaml")
     t, d = cfg.tokenizer_train, cfg.data
 
-    clips = load_clip_folder(d.clips_dir, tuple(d.resolution), d.frames, progress=progress)
+    clips = load_clip_folder(d.clips_dir, tuple(d.resolution), d.frames, progress, d.class_folders)
     train_clips, held = split_heldout(clips, d.heldout_clips, d.clips_dir)
     x_eval = eval_batch(held, d.frames).to(cfg.run.device)
 
     model = VideoTokenizer(cfg.tokenizer, cfg.quantizer).to(cfg.run.device)
+    init_step = init_from_2d(model, cfg)
+    if init_step is not None:
+        log.info("inflated the 2D tokenizer %s (step %d, %s mode)", t.init_from, init_step, t.init_mode)
+    gan = TokenizerGan(t, model, cfg.run.device, cfg.run.seed)
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, t.warmup_steps, t.steps))
     gen = torch.Generator().manual_seed(cfg.run.seed + 1)
@@ -103,12 +135,7 @@ def train_tokenizer(cfg: Config, progress: bool = True) -> TokenizerRun:
                mininterval=0.5 if sys.stderr.isatty() else 20.0)
     for step in bar:
         x = random_windows(train_clips, d.frames, t.batch_size, gen).to(cfg.run.device)
-        loss, parts = tokenizer_loss(model(x), x, t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip:
-            parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
-        opt.step()
+        parts = train_step(model, gan, opt, x, step, t)
         sched.step()
         bar.set_postfix(loss=f"{parts['loss']:.4f}", l1=f"{parts['l1']:.4f}", refresh=False)
         if step % t.log_every == 0:
@@ -118,6 +145,7 @@ def train_tokenizer(cfg: Config, progress: bool = True) -> TokenizerRun:
             bar.write(f"step {step}: held-out {describe_quality(quality)} (PSNR at step 0: {psnr_start:.2f} dB)")
         if step % t.ckpt_every == 0 or step == t.steps:
             save_tokenizer(model, cfg, out_dir / "checkpoint", step)
+            gan.save(out_dir, step)
     png, videos = write_reconstructions(x_eval, recon, out_dir / "recon", d.fps)
     metrics.log_image("heldout/reconstructions", png, t.steps)
     metrics.close()
