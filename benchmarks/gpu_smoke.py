@@ -74,7 +74,7 @@ def _engine_step(cfg, frames: int, scales: list[int], batch: int, topo, device, 
         t0 = clock(device)
         gens = [sample_generator(0, step, j) for j in range(batch)]
         micro = prepare_batch(q, layout, latents, cond, stage, 0.1, 0.2, 0.0, 0.01, gens)
-        engine.forward_backward(micro.split(1), objective)
+        engine.forward_backward([(micro.split(1), objective)])
         engine.step()
         times.append(clock(device) - t0)
     tokens = batch * (layout.length - layout.prefix_len)

@@ -76,7 +76,7 @@ def _measure(rank, world, zero, width, depth, out):
     layout = model.layout_for(2, q.sizes)
     mb = MicroBatch(teacher_forcing_features(q, bits), sequence_targets(bits), torch.tensor([0, 1]),
                     torch.zeros(2, dtype=torch.bool), None, torch.zeros(2), layout)
-    engine.forward_backward([mb], BitObjective(layout.length - layout.prefix_len))
+    engine.forward_backward([([mb], BitObjective(layout.length - layout.prefix_len))])
     engine.step()
     params = [getattr(p, "ds_tensor", p) if zero == 3 else p for p in engine.module.parameters()]
     opt = engine.engine.optimizer if zero else engine.opt

@@ -106,17 +106,18 @@ class Config:
                                            resolution=list(self.data.resolution), frames=self.data.frames,
                                            scales=list(self.quantizer.scales), scales_w=self.quantizer.scales_w)]
         check_stage_order(self.curriculum)
-        for s in self.curriculum:
-            p = f"curriculum[{s.name}]"
-            sh, sw = s.resolution
-            check(sh % f == 0 and sw % f == 0, f"{p}.resolution",
-                  f"{sh}x{sw} must be divisible by tokenizer.spatial_compression={f}")
-            check(s.sizes[-1] == (sh // f, sw // f), f"{p}.scales",
-                  f"the last scale must equal the latent grid {sh // f}x{sw // f}, got {s.sizes[-1]}")
-            check((s.frames - 1) % tau == 0, f"{p}.frames", f"must be 1 + k * {tau}, got {s.frames}")
-            check(len(s.scales) <= min(len(self.quantizer.scales), self.videoar.max_scales), f"{p}.scales",
-                  f"at most {min(len(self.quantizer.scales), self.videoar.max_scales)} scales (quantizer.scales "
-                  f"and videoar.max_scales), got {len(s.scales)}")
+        for stage in self.curriculum:
+            for s in stage.parts():  # the clips and the images (frames = 1) of a joint stage
+                p, pre = f"curriculum[{stage.name}]", "image_" if s.name != stage.name else ""
+                sh, sw = s.resolution
+                check(sh % f == 0 and sw % f == 0, f"{p}.{pre}resolution",
+                      f"{sh}x{sw} must be divisible by tokenizer.spatial_compression={f}")
+                check(s.sizes[-1] == (sh // f, sw // f), f"{p}.{pre}scales",
+                      f"the last scale must equal the latent grid {sh // f}x{sw // f}, got {s.sizes[-1]}")
+                check((s.frames - 1) % tau == 0, f"{p}.frames", f"must be 1 + k * {tau}, got {s.frames}")
+                check(len(s.scales) <= min(len(self.quantizer.scales), self.videoar.max_scales), f"{p}.{pre}scales",
+                      f"at most {min(len(self.quantizer.scales), self.videoar.max_scales)} scales (quantizer.scales "
+                      f"and videoar.max_scales), got {len(s.scales)}")
 
     @property
     def run_dir(self) -> Path:

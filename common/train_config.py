@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from common.validation import ConfigError, check, check_choice
 
@@ -23,6 +23,13 @@ class StageConfig:
     flip_end: float = 0.0  # ... ramped linearly to this at its last step; 0 and 0 = plain teacher forcing
     p_mask: float = 0.0  # Random Frame Mask drop probability of each history frame (training only)
     window: int = 0  # history frames visible to a frame (0 = all)
+    # Joint image-video training (the paper's stages I/II): `image_batch` of the `global_batch` samples of every
+    # step are images (frames = 1) at `image_resolution` with the scale schedule `image_scales` (defaults: the
+    # stage's own); the rest are `frames`-long clips. 0 = video only; = global_batch: images only.
+    image_batch: int = 0
+    image_resolution: list[int] | None = None
+    image_scales: list[int] | None = None
+    image_scales_w: list[int] | None = None
 
     def __post_init__(self) -> None:
         p = f"curriculum[{self.name}]"
@@ -41,6 +48,18 @@ class StageConfig:
             check(0.0 <= v <= 1.0, f"{p}.{name}", f"must be in [0, 1], got {v}")
         check(0.0 <= self.p_mask < 1.0, f"{p}.p_mask", f"must be in [0, 1), got {self.p_mask}")
         check(self.window >= 0, f"{p}.window", f"must be >= 0, got {self.window}")
+        check(0 <= self.image_batch <= self.global_batch and self.image_batch % self.micro_batch == 0,
+              f"{p}.image_batch", f"must be a multiple of micro_batch ({self.micro_batch}) in [0, global_batch="
+              f"{self.global_batch}], got {self.image_batch}")
+        if self.image_resolution is not None:
+            check(len(self.image_resolution) == 2, f"{p}.image_resolution",
+                  f"must be [height, width], got {list(self.image_resolution)}")
+        if self.image_scales is not None:
+            check(len(self.image_scales) >= 1 and list(self.image_scales) == sorted(self.image_scales),
+                  f"{p}.image_scales", f"must be a non-decreasing list, got {list(self.image_scales)}")
+        if self.image_scales_w is not None:
+            check(len(self.image_scales_w) == len(self.image_scales or self.scales), f"{p}.image_scales_w",
+                  "must have as many entries as image_scales")
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
@@ -50,6 +69,24 @@ class StageConfig:
     @property
     def accumulation(self) -> int:
         return self.global_batch // self.micro_batch
+
+    def parts(self) -> list["StageConfig"]:
+        """What one step of this stage trains on, each part a video-only stage of its own share of the global
+        batch: the clips (named as the stage) and the images (`<name>-images`, frames = 1), whichever is non-empty.
+        Everything per shape (data, latent cache, layout, quantizer sizes) is the part's."""
+        out = []
+        if self.global_batch > self.image_batch:
+            out.append(replace(self, global_batch=self.global_batch - self.image_batch, image_batch=0,
+                               image_resolution=None, image_scales=None, image_scales_w=None))
+        if self.image_batch:
+            scales = self.image_scales or self.scales
+            own = self.image_scales_w is not None or self.image_scales is not None
+            cols = self.image_scales_w if own else self.scales_w
+            out.append(replace(self, name=f"{self.name}-images", global_batch=self.image_batch, image_batch=0,
+                               frames=1, resolution=list(self.image_resolution or self.resolution),
+                               scales=list(scales), scales_w=None if cols is None else list(cols),
+                               image_resolution=None, image_scales=None, image_scales_w=None, p_mask=0.0, window=0))
+        return out
 
 
 @dataclass

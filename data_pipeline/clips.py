@@ -59,6 +59,7 @@ def read_caption(video_path: Path) -> str:
 
 
 VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}  # single-frame samples of joint image-video stages
 SIDECAR_EXTS = {".json", ".txt"}  # a video's caption (`parse_sidecar`)
 
 
@@ -72,26 +73,44 @@ def folder_classes(keys: list[str]) -> dict[str, int]:
     return {name: i for i, name in enumerate(sorted({Path(k).parts[0] for k in keys}))}
 
 
-def list_clip_files(folder: str | Path, class_folders: bool = False) -> list[tuple[Path, int | None, str | None]]:
+def list_clip_files(folder: str | Path, class_folders: bool = False, images: bool = False
+                    ) -> list[tuple[Path, int | None, str | None]]:
     """(path, class id, class name) of the clips in `folder`: its .mp4 files sorted by name, or with
     `class_folders` the videos in its sub-folders, one class per sub-folder, interleaved across classes (each
-    class's first video, then each one's second, ...) so the held-out tail (`split_heldout`) spans classes."""
+    class's first video, then each one's second, ...) so the held-out tail (`split_heldout`) spans classes.
+    `images` adds the image files (IMAGE_EXTS), sorted in with the videos: the samples of a frames = 1 stage part."""
     folder = Path(folder)
     if not class_folders:
-        return [(p, None, None) for p in (sorted(folder.glob("*.mp4")) if folder.is_dir() else [])]
-    rel = sorted(str(p.relative_to(folder)) for p in folder.glob("*/*") if p.suffix.lower() in VIDEO_EXTS)
-    classes = folder_classes(rel)
-    per_class = [[r for r in rel if Path(r).parts[0] == name] for name in classes]
-    order = sorted(((i, c) for c, paths in enumerate(per_class) for i in range(len(paths))))
-    return [(folder / per_class[c][i], c, list(classes)[c]) for i, c in order]
+        keep = {".mp4"} | (IMAGE_EXTS if images else set())
+        return [(p, None, None) for p in (sorted(q for q in folder.glob("*") if q.suffix.lower() in keep)
+                                          if folder.is_dir() else [])]
+    media = sorted(str(p.relative_to(folder)) for p in folder.glob("*/*")
+                   if p.suffix.lower() in VIDEO_EXTS | IMAGE_EXTS)
+    classes = folder_classes(media)  # over videos and images alike: every part of a run agrees on the ids
+    keep = VIDEO_EXTS | (IMAGE_EXTS if images else set())
+    rel = [r for r in media if Path(r).suffix.lower() in keep]
+    per_class: dict[str, list[str]] = {name: [] for name in classes}
+    for r in rel:  # one pass: grouping stays linear in the number of files
+        per_class[Path(r).parts[0]].append(r)
+    order = sorted((i, c) for c, paths in enumerate(per_class.values()) for i in range(len(paths)))
+    names = list(classes)
+    return [(folder / per_class[names[c]][i], c, names[c]) for i, c in order]
+
+
+def caption_vocabulary(folder: str | Path, class_folders: bool = False) -> list[str]:
+    """The distinct captions (sidecar caption, else class folder name) of every video and image in `folder`,
+    sorted: the class ids of caption-ranked class conditioning (`latent_set.class_ids`)."""
+    files = list_clip_files(folder, class_folders, images=True)
+    return sorted({read_sidecar(path)[0] or name or "" for path, _, name in files})
 
 
 def load_clip_folder(folder: str | Path, resolution: tuple[int, int], min_frames: int,
                      progress: bool = True, class_folders: bool = False) -> list[Clip]:
     """Decode every clip of `folder` (`list_clip_files`) at `resolution` (resize + center crop). With
-    `class_folders` a clip's class is its folder and its caption the folder name unless a sidecar says more."""
+    `class_folders` a clip's class is its folder and its caption the folder name unless a sidecar says more.
+    With `min_frames` = 1 (a stage's image part) the folder's image files are single-frame clips too."""
     folder = Path(folder)
-    files = list_clip_files(folder, class_folders)
+    files = list_clip_files(folder, class_folders, images=min_frames == 1)
     if not files:
         hint = ("sub-folders of videos, one per class (data.class_folders=true)" if class_folders else
                 f".mp4 clips; generate demo clips with `python -m data_pipeline.synth --out {folder} --clips 24`")

@@ -55,10 +55,15 @@ def clip_windows(clips: list[Clip], frames: int) -> list[tuple[int, int]]:
     return [(i, s) for i, c in enumerate(clips) for s in range(0, len(c.frames) - frames + 1, frames)]
 
 
-def class_ids(captions: list[str], num_classes: int, labels: list[int | None]) -> torch.Tensor:
+def class_ids(captions: list[str], num_classes: int, labels: list[int | None],
+              vocabulary: list[str] | None = None) -> torch.Tensor:
     """A clip's class: its sidecar's integer "class" field, else the rank of its caption among the distinct
-    captions (sorted)."""
-    ranks = {c: i for i, c in enumerate(sorted(set(captions)))}
+    captions (sorted) of `vocabulary` (pass the whole folder's, `clips.caption_vocabulary`, so that training,
+    held-out and image samples agree), or of `captions` themselves."""
+    ranks = {c: i for i, c in enumerate(sorted(set(captions if vocabulary is None else vocabulary)))}
+    missing = sorted(set(captions) - set(ranks))
+    if missing:
+        raise ValueError(f"captions {missing[:3]} are not in the class vocabulary of {len(ranks)} captions")
     ids = [lab if lab is not None else ranks[c] for c, lab in zip(captions, labels)]
     bad = [i for i in ids if not 0 <= i < num_classes]
     if bad:
@@ -68,7 +73,8 @@ def class_ids(captions: list[str], num_classes: int, labels: list[int | None]) -
 
 @torch.no_grad()
 def encode_latent_set(tokenizer, clips: list[Clip], frames: int, cond_kind: str, text_encoder=None,
-                      num_classes: int = 0, batch_size: int = 4, progress: bool = True) -> LatentSet:
+                      num_classes: int = 0, batch_size: int = 4, progress: bool = True,
+                      vocabulary: list[str] | None = None) -> LatentSet:
     windows = clip_windows(clips, frames)
     if not windows:
         raise ValueError(f"no clip has {frames} frames; clips: {[str(c.path) for c in clips[:3]]} ...")
@@ -82,7 +88,7 @@ def encode_latent_set(tokenizer, clips: list[Clip], frames: int, cond_kind: str,
     if cond_kind == "text":
         cond = text_encoder.encode(captions).half()
     else:
-        cond = class_ids(captions, num_classes, [clips[c].class_id for c, _ in windows])
+        cond = class_ids(captions, num_classes, [clips[c].class_id for c, _ in windows], vocabulary)
     return LatentSet(torch.cat(latents), cond, captions)
 
 

@@ -37,7 +37,7 @@ class ShardSet:
             raise ValueError(f"{self.store.join(MANIFEST)}: expected {FORMAT} v{FORMAT_VERSION}")
         if bucket not in manifest["buckets"]:
             raise ValueError(f"{self.store.join(MANIFEST)}: no bucket {bucket}; it has {sorted(manifest['buckets'])}")
-        self.manifest = manifest
+        self.manifest, self.bucket = manifest, bucket
         self.index = [(s["name"], start, end, key) for s in manifest["buckets"][bucket]["shards"]
                       for key, start, end in s["offsets"]]
         if not self.index:
@@ -111,34 +111,41 @@ class LoadedBatch:
 
 
 class StreamingLoader:
-    """The training data and its position: per curriculum stage, the samples consumed of that stage's dataset
-    (a `ShardSet` or a `LatentSet`). `next_batch` returns this data-parallel rank's part of the step's global batch
-    and prefetches the next one; `state_dict` is the position, so a resume continues exactly, under any dp size."""
+    """The training data and its position: per data stream (a curriculum stage, or each part of a stage that mixes
+    images and clips), the samples consumed of that stream's dataset (a `ShardSet` or a `LatentSet`).
+    `next_batch` returns this data-parallel rank's part of the step's global batch of a stream and prefetches the
+    next one; `state_dict` is the position, so a resume continues exactly, under any dp size."""
 
-    def __init__(self, stage_names: list[str], seed: int, dp_rank: int, dp: int):
-        self.stage_names, self.seed, self.dp_rank, self.dp = list(stage_names), seed, dp_rank, dp
-        self.consumed = [0] * len(stage_names)  # samples consumed per stage
-        self.stage, self.dataset = -1, None
+    def __init__(self, stream_names: list[str], seed: int, dp_rank: int, dp: int):
+        self.stream_names, self.seed, self.dp_rank, self.dp = list(stream_names), seed, dp_rank, dp
+        self.consumed = [0] * len(stream_names)  # samples consumed per stream
+        self.datasets: dict[int, Any] = {}
 
-    def set_stage(self, index: int, dataset) -> None:
-        self.stage, self.dataset = index, dataset
+    def set_stream(self, index: int, dataset) -> None:
+        self.datasets[index] = dataset
 
-    def next_batch(self, size: int) -> LoadedBatch:
-        data, done = self.dataset, self.consumed[self.stage]
+    def drop_streams(self, keep: set[int]) -> None:
+        """Forget the datasets of streams not in `keep` (a finished stage's data)."""
+        self.datasets = {i: d for i, d in self.datasets.items() if i in keep}
+
+    def next_batch(self, stream: int, size: int, offset: int = 0) -> LoadedBatch:
+        """This rank's part of the next `size` samples of `stream`; their positions in the step's global batch
+        start at `offset` (the parts of a joint stage take consecutive positions)."""
+        data, done = self.datasets[stream], self.consumed[stream]
         indices = global_batch(len(data), self.seed, done, size)
         positions = rank_slice(list(range(size)), self.dp_rank, self.dp)
         latents, cond = data.batch([indices[j] for j in positions])
         if hasattr(data, "prefetch"):  # the next step's samples load while this one trains
             upcoming = global_batch(len(data), self.seed, done + size, size)
             data.prefetch([upcoming[j] for j in positions])
-        self.consumed[self.stage] += size
-        return LoadedBatch(latents, cond, positions, [data.key(indices[j]) for j in positions])
+        self.consumed[stream] += size
+        return LoadedBatch(latents, cond, [offset + j for j in positions], [data.key(indices[j]) for j in positions])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stages": list(self.stage_names), "consumed": list(self.consumed)}
+        return {"stages": list(self.stream_names), "consumed": list(self.consumed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if list(state["stages"]) != self.stage_names:
-            raise ValueError(f"checkpoint curriculum stages {list(state['stages'])} differ from the config's "
-                             f"{self.stage_names}")
+        if list(state["stages"]) != self.stream_names:
+            raise ValueError(f"checkpoint curriculum data streams {list(state['stages'])} differ from the config's "
+                             f"{self.stream_names}")
         self.consumed = [int(c) for c in state["consumed"]]

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import config_arg_parser, config_from_args
-from data_pipeline.clips import SIDECAR_EXTS, VIDEO_EXTS, folder_classes, parse_sidecar, to_model_input
+from data_pipeline.clips import IMAGE_EXTS, SIDECAR_EXTS, VIDEO_EXTS, folder_classes, parse_sidecar, to_model_input
 from data_pipeline.object_store import Store, open_store
 from data_pipeline.preprocess_report import Meter, Summary
 from data_pipeline.shards import ShardRecord, sample_dict, write_tar_shard
@@ -58,8 +58,15 @@ class Bucket:
 
 
 def buckets_of(cfg) -> list[Bucket]:
-    return sorted({Bucket(s.resolution[0], s.resolution[1], s.frames) for s in cfg.curriculum},
+    """One bucket per shape of every curriculum stage part (the clips, and a joint stage's images: frames = 1)."""
+    return sorted({Bucket(p.resolution[0], p.resolution[1], p.frames) for s in cfg.curriculum for p in s.parts()},
                   key=lambda b: b.name)
+
+
+def media_exts(buckets: list[Bucket]) -> set[str]:
+    """Input file types: videos, and image files too when a bucket holds single frames (joint image-video
+    stages), which also takes every `preprocess.stride`-th frame (default: every frame) of each video."""
+    return VIDEO_EXTS | (IMAGE_EXTS if any(b.frames == 1 for b in buckets) else set())
 
 
 def input_id(key: str, size: int) -> str:
@@ -173,10 +180,11 @@ def preprocess(cfg, progress: bool = True) -> Summary:
     tok_hash = tokenizer_hash(cfg.videoar_train.tokenizer_ckpt)
     t0 = time.time()
     listed = list(src.list())
-    inputs = [(k, s) for k, s in listed if Path(k).suffix.lower() in VIDEO_EXTS]
+    exts = media_exts(buckets)
+    inputs = [(k, s) for k, s in listed if Path(k).suffix.lower() in exts]
     if not inputs:
-        raise FileNotFoundError(f"{p.input}: no videos ({', '.join(sorted(VIDEO_EXTS))}) found")
-    not_videos = sorted(k for k, _ in listed if Path(k).suffix.lower() not in VIDEO_EXTS | SIDECAR_EXTS)
+        raise FileNotFoundError(f"{p.input}: no videos ({', '.join(sorted(exts))}) found")
+    not_videos = sorted(k for k, _ in listed if Path(k).suffix.lower() not in exts | SIDECAR_EXTS)
     done = {r["id"]: r for r in _progress_records(out, "inputs").values()}
     shards = _progress_records(out, "shards")
     if any(r.get("tokenizer") != tok_hash for r in shards.values()):
@@ -364,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     for q in s.quarantine:
         print(f"  quarantined {q['input']}: {q['reason']}")
     if s.not_videos:
-        print(f"skipped {len(s.not_videos)} files that are not videos ({', '.join(sorted(VIDEO_EXTS))}; "
+        exts = ", ".join(sorted(media_exts(buckets_of(cfg))))
+        print(f"skipped {len(s.not_videos)} files that are not videos ({exts}; "
               f"sidecars {', '.join(sorted(SIDECAR_EXTS))} aside): {', '.join(s.not_videos[:20])}"
               f"{' ...' if len(s.not_videos) > 20 else ''}")
     return 0 if s.total_samples > 0 else 1

@@ -14,7 +14,8 @@ from torch import nn
 from common.job_config import ParallelConfig
 from common.parallel_plan import ParallelPlan
 from parallel import checkpoint_format as fmt
-from parallel.engine import Objective, clean_name, optimizer_and_schedule, poison_if_nonfinite, run_micro_batches
+from parallel.engine import Objective, clean_name, combine_groups, optimizer_and_schedule, poison_if_nonfinite
+from parallel.engine import run_micro_batches
 from parallel.topology import Topology
 
 
@@ -84,9 +85,10 @@ class DeepSpeedEngine:
             self.engine.set_train_micro_batch_size(micro_batch)
             self.engine.set_train_batch_size(global_batch)
 
-    def forward_backward(self, micro: list, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(micro) != self.engine.gradient_accumulation_steps():
-            raise RuntimeError(f"{len(micro)} micro-batches but DeepSpeed accumulates "
+    def forward_backward(self, groups: list[tuple[list, Objective]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        total = sum(len(micro) for micro, _ in groups)
+        if total != self.engine.gradient_accumulation_steps():
+            raise RuntimeError(f"{total} micro-batches but DeepSpeed accumulates "
                                f"{self.engine.gradient_accumulation_steps()}")
         self.engine.train()
         self._skipped_before = self.engine.skipped_steps
@@ -95,7 +97,8 @@ class DeepSpeedEngine:
             self.engine.backward(poison_if_nonfinite(loss))  # scaled by 1/accumulation inside
             self.engine.step()  # updates only at the accumulation boundary
 
-        return run_micro_batches(lambda mb: self.engine(*mb.model_args()), micro, objective, backward)
+        forward = lambda mb: self.engine(*mb.model_args())  # noqa: E731
+        return combine_groups([run_micro_batches(forward, micro, obj, backward) for micro, obj in groups], groups)
 
     def evaluate(self, micro: list, objective: Objective) -> torch.Tensor:
         """Forward only (ZeRO-3 gathers the parameters as in training): statistic sums."""

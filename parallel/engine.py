@@ -8,6 +8,9 @@ an update, per layout, and how an engine's state goes into and out of a checkpoi
 The engine knows no model: it gets an `nn.Module`, its `ParallelPlan` and, per step, micro-batches and an
 `Objective`. A micro-batch has `model_args()` (for `module(*args)`), `stage_args()` (tensors for the first
 pipeline stage), `static` (the step's non-tensor argument, e.g. the token layout), `targets` and `len()`.
+One step may hold groups of micro-batches of different shapes (e.g. the images and the clips of a joint
+image-video stage), each with its own objective: `forward_backward([(micro, objective), ...])`; every micro-batch
+weighs the same in the step's gradient (their mean), and each group's statistics come back separately.
 A step whose global gradient norm is not finite is skipped (Megatron's rule; a non-finite loss is made to give
 NaN gradients, `poison_if_nonfinite`, so it counts too): no update, the LR schedule does not advance, gradients
 are dropped; `step()` says whether the update was applied. Every rank takes the same decision.
@@ -49,7 +52,7 @@ class Engine(Protocol):
     @property
     def lr(self) -> float: ...
     def set_batch(self, global_batch: int, micro_batch: int) -> None: ...
-    def forward_backward(self, micro: list, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def forward_backward(self, groups: list[tuple[list, Objective]]) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
     def evaluate(self, micro: list, objective: Objective) -> torch.Tensor: ...
     def step(self) -> tuple[float, bool]: ...
     def state_dict(self) -> dict[str, Any]: ...
@@ -117,6 +120,14 @@ def run_micro_batches(forward, micro: list, objective: Objective, backward=None
     return loss_sum / len(micro), stats
 
 
+def combine_groups(results: list[tuple[torch.Tensor, torch.Tensor]], groups: list[tuple[list, Objective]]
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(mean loss over every micro-batch of the step, each group's statistic sums) from per-group results."""
+    sizes = [len(micro) for micro, _ in groups]
+    loss = sum(r[0] * n for r, n in zip(results, sizes)) / sum(sizes)
+    return loss, [r[1] for r in results]
+
+
 def clean_name(name: str) -> str:
     """The dense model's parameter name (drops the tensor-parallel `.layer` wrapper)."""
     return name.replace(".layer.", ".")
@@ -152,21 +163,24 @@ class TorchEngine:
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
             return self.model(*mb.model_args())
 
-    def forward_backward(self, micro: list, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backward of the mean loss over `micro`; returns (mean loss, statistic sums)."""
+    def forward_backward(self, groups: list[tuple[list, Objective]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Backward of the mean loss over every micro-batch of `groups`; returns (mean loss, per-group statistic
+        sums)."""
         self.module.train()
         self.opt.zero_grad(set_to_none=True)
+        total = sum(len(micro) for micro, _ in groups)
         if self.topo.pp > 1:
-            return self._pipeline(micro, objective)
+            return combine_groups([self._pipeline(micro, obj, total=total) for micro, obj in groups], groups)
         done = []
 
         def backward(loss: torch.Tensor) -> None:
             done.append(1)
-            if self.grad_buckets is not None and len(done) == len(micro):
+            if self.grad_buckets is not None and len(done) == total:
                 self.grad_buckets.arm()  # the last micro-batch: reduce buckets while backward runs
-            (poison_if_nonfinite(loss) / len(micro)).backward()
+            (poison_if_nonfinite(loss) / total).backward()
 
-        return run_micro_batches(self._forward, micro, objective, backward)
+        return combine_groups([run_micro_batches(self._forward, micro, obj, backward) for micro, obj in groups],
+                              groups)
 
     def evaluate(self, micro: list, objective: Objective) -> torch.Tensor:
         """Forward only: statistic sums over `micro` (shared with the whole pipeline group under pp)."""
@@ -176,8 +190,12 @@ class TorchEngine:
         with torch.no_grad():
             return run_micro_batches(self._forward, micro, objective)[1]
 
-    def _pipeline(self, micro: list, objective: Objective, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pipeline(self, micro: list, objective: Objective, train: bool = True, total: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One schedule run over `micro` (one shape). The loss is divided by `total`, the step's micro-batches over
+        all groups (the schedule itself does not rescale: `scale_grads=False`), so groups accumulate."""
         n, static = len(micro), micro[0].static
+        total = total or n
         self.module.static = static
         key = (static, n, len(micro[0]))
         stats = []
@@ -185,7 +203,7 @@ class TorchEngine:
         def loss_fn(outputs, targets):
             loss, mb_stats = objective(outputs, targets)
             stats.append((loss.detach(), mb_stats))
-            return poison_if_nonfinite(loss)
+            return poison_if_nonfinite(loss) / total
 
         if key not in self._schedules:  # shapes change with the curriculum stage: one schedule per shape
             self._schedules[key] = make_schedule(self.module, pipeline_group(), self.device, n, loss_fn,

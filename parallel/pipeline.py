@@ -62,4 +62,5 @@ def make_schedule(stage_module: PipelineStageModule, pp_group, device: torch.dev
 
     stage = PipelineStage(stage_module, stage_module.stage, stage_module.num_stages, device, group=pp_group)
     cls = Schedule1F1B if kind == "1f1b" else ScheduleGPipe
-    return cls(stage, n_microbatches=n_microbatches, loss_fn=loss_fn)
+    # the loss function divides by the step's micro-batch count itself (several shapes can share one step)
+    return cls(stage, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)

@@ -122,7 +122,13 @@ def test_cluster_presets_build_the_paper_shapes_on_valid_layouts(name, sizes, wo
     assert world % (p.tp * p.pp) == 0 and v.heads % p.tp == 0 and cfg.slurm.gpus_per_node % p.tp == 0
     dp = world // (p.tp * p.pp)
     for stage in cfg.curriculum:
-        assert stage.global_batch % (stage.micro_batch * dp) == 0, stage.name
+        for part in stage.parts():  # clips and images of a joint stage each divide over the dp ranks
+            assert part.global_batch % (stage.micro_batch * dp) == 0, part.name
+    # the paper's three stages: images + low-res video, higher-res images + video, long high-res video only
+    assert [s.name for s in cfg.curriculum] == ["I", "II", "III"]
+    shapes = [[(p.frames, *p.resolution) for p in s.parts()] for s in cfg.curriculum]
+    assert shapes == [[(17, 128, 128), (1, 256, 256)], [(17, 256, 256), (1, 384, 384)], [(49, 256, 256)]]
+    assert cfg.curriculum[2].flip_end == 0.25 and cfg.curriculum[2].p_mask > 0
     script = render_sbatch(cfg, f"runs/{name}/slurm/config.yaml")
     assert f"--nodes={cfg.slurm.nodes}" in script and f"--nproc {cfg.slurm.procs_per_node}" in script
 

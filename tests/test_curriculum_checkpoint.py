@@ -42,8 +42,8 @@ def test_consumed_samples_are_checked_on_resume():
     data = LatentSet(torch.zeros(20, 1, 1, 1, 1), torch.zeros(20, dtype=torch.long), [""] * 20)
     loader = StreamingLoader(names, seed=0, dp_rank=0, dp=1)
     for step in range(13):
-        loader.set_stage(c.index(step), data)
-        loader.next_batch(c.stage(step).global_batch)
+        loader.set_stream(c.index(step), data)
+        loader.next_batch(c.index(step), c.stage(step).global_batch)
     fresh = StreamingLoader(names, seed=0, dp_rank=0, dp=1)
     fresh.load_state_dict(loader.state_dict())
     c.check_consumed(fresh.consumed, 13)
@@ -51,8 +51,46 @@ def test_consumed_samples_are_checked_on_resume():
     with pytest.raises(ValueError, match="curriculum mismatch at step 12"):
         two_stages().check_consumed(loader.state_dict()["consumed"], 12)
     renamed = StreamingLoader(["x", "b"], seed=0, dp_rank=0, dp=1)
-    with pytest.raises(ValueError, match="stages"):
+    with pytest.raises(ValueError, match="data streams"):
         renamed.load_state_dict(loader.state_dict())
+
+
+def joint_stages() -> Curriculum:
+    """Stage I mixes 4 images (64x64, their own scales) with 4 clips per step; II is images only; III clips only."""
+    return Curriculum([StageConfig(name="I", until_step=5, resolution=[32, 32], frames=5, scales=[1, 2, 4],
+                                   global_batch=8, micro_batch=2, image_batch=4, image_resolution=[64, 64],
+                                   image_scales=[1, 2, 4, 8], p_mask=0.2),
+                       StageConfig(name="II", until_step=8, global_batch=4, micro_batch=2, image_batch=4),
+                       StageConfig(name="III", until_step=10, global_batch=2, micro_batch=2)])
+
+
+def test_joint_image_video_stages_have_a_data_stream_per_part():
+    c = joint_stages()
+    assert c.stream_names == ["I", "I-images", "II-images", "III"]
+    video, image = c.stages[0].parts()
+    assert (video.global_batch, video.frames, video.resolution, video.sizes[-1], video.p_mask) == (4, 5, [32, 32],
+                                                                                                  (4, 4), 0.2)
+    assert (image.global_batch, image.frames, image.resolution, image.sizes[-1], image.p_mask) == (4, 1, [64, 64],
+                                                                                                  (8, 8), 0.0)
+    assert [p.frames for p in c.stages[1].parts()] == [1] and c.stages[2].parts() == [c.stages[2]]
+    assert [j for j, _ in c.stage_streams(0)] == [0, 1] and [j for j, _ in c.stage_streams(2)] == [3]
+    assert c.expected_consumed(7) == [20, 20, 8, 0]
+    assert c.expected_consumed(12) == [20, 20, 12, 8]
+
+
+@pytest.mark.parametrize("stage, field", [
+    ("{name: a, until_step: 5, resolution: [32, 32], frames: 5, scales: [1, 2, 4], global_batch: 4, micro_batch: 2, "
+     "image_batch: 3}", "image_batch"),
+    ("{name: a, until_step: 5, resolution: [32, 32], frames: 5, scales: [1, 2, 4], global_batch: 4, micro_batch: 2, "
+     "image_batch: 6}", "image_batch"),
+    ("{name: a, until_step: 5, resolution: [32, 32], frames: 5, scales: [1, 2, 4], image_batch: 4, "
+     "image_resolution: [64, 64]}", "image_scales"),
+    ("{name: a, until_step: 5, resolution: [32, 32], frames: 5, scales: [1, 2, 4], image_batch: 4, "
+     "image_resolution: [36, 32], image_scales: [1, 2, 4]}", "image_resolution"),
+])
+def test_bad_image_parts_name_the_field(stage, field):
+    with pytest.raises(ConfigError, match=rf"curriculum\[a\]\.{field}"):
+        load_config(None, TINY + ["data.frames=5", f"curriculum=[{stage}]"])
 
 
 @pytest.mark.parametrize("override, field", [

@@ -202,7 +202,7 @@ def test_trainer_trains_from_s3_shards(s3_shards, s3_endpoint, clips_dir, tokeni
     trainer = VideoARTrainer(cfg, progress=False)
     run = trainer.train()
     assert run.step == 3 and all(np.isfinite(run.losses))
-    assert isinstance(trainer.loader.dataset, ShardSet) and trainer.loader.dataset.bytes_read > 0
+    assert isinstance(trainer.loader.datasets[0], ShardSet) and trainer.loader.datasets[0].bytes_read > 0
     held = trainer.evaluator._data
     assert isinstance(held, ShardSet) and held.bytes_read > 0
     last = read_jsonl(tmp_path / "a" / "videoar" / "metrics.jsonl")[-1]

@@ -71,7 +71,8 @@ def test_train_step_and_sampling_step_keep_every_tensor_on_the_device(cond):
         assert getattr(batch, name).device == META, name
     engine = TorchEngine(model, model.parallel_plan(), SINGLE, cfg.parallel, cfg.videoar_train, 10, META)
     objective = BitObjective(layout.length - layout.prefix_len, scale_loss_weights(layout, "sqrt_area"))
-    loss, stats = engine.forward_backward(batch.split(2), objective)  # forward, loss, backward over 2 micro-batches
+    # forward, loss, backward over 2 micro-batches
+    loss, (stats,) = engine.forward_backward([(batch.split(2), objective)])
     assert loss.device == META and stats.device == META and stats.shape == (objective.stats_size,)
     params = [p for p in model.parameters() if p.grad is not None]
     assert params and all(p.grad.device == META for p in params)

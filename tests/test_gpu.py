@@ -41,7 +41,7 @@ def _step(device: torch.device):
                           [sample_generator(0, 0, j) for j in range(2)])
     engine = TorchEngine(model, model.parallel_plan(), SINGLE, cfg.parallel, cfg.videoar_train, 10, device)
     layout = model.layout_for(2, q.sizes)
-    loss, _ = engine.forward_backward(batch.split(1), BitObjective(layout.length - layout.prefix_len))
+    loss, _ = engine.forward_backward([(batch.split(1), BitObjective(layout.length - layout.prefix_len))])
     norm, applied = engine.step()
     bits = sample(model.eval(), q, cond[:1].to(device), 2, SamplingConfig(cfg_scale=1.0, temperature=0.0)).bits
     return batch, float(loss), norm, [p.detach().cpu() for p in model.parameters()], [b.cpu() for b in bits]

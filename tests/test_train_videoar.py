@@ -91,7 +91,7 @@ def test_overfit_then_greedy_sampling_reproduces_training_bits(clips_dir, tokeni
     run = trainer.train()
     assert run.losses[0] == pytest.approx(0.6931, abs=1e-3)  # zero-initialised head: p = 1/2 per bit
     assert sum(run.losses[-10:]) / 10 < 0.05
-    data, q = trainer.loader.dataset, trainer.quantizer
+    data, q = trainer.loader.datasets[0], trainer.quantizer
     assert len(data) == 6
     latents, classes = data.batch(list(range(6)))
     truth = [torch.stack([q.encode(latents[:, t])[k] for t in range(latents.shape[1])], 1)
@@ -157,7 +157,7 @@ def test_heldout_evaluation_is_plain_teacher_forcing_on_unseen_clips_and_leaves_
                                       "videoar_train.eval_every=2"), progress=False)
     first = trainer.evaluate()  # before any step: p = 1/2 for every bit
     assert first["eval/loss"] == pytest.approx(math.log(2), rel=1e-6) and first["eval/samples"] == 4
-    held, train = trainer.evaluator._data, trainer.loader.dataset
+    held, train = trainer.evaluator._data, trainer.loader.datasets[0]
     assert (len(held), len(train)) == (4, 12)  # 2 windows of 5 frames per 13-frame clip; 2 of 8 clips held out
     assert not any(torch.equal(h, t) for h in held.latents for t in train.latents)
     assert trainer.train().losses == reference

@@ -102,7 +102,7 @@ def test_tiny_recipe_trains_and_samples_from_class_folders(class_folders, tmp_pa
     trainer = VideoARTrainer(cfg, progress=False)
     run = trainer.train()
     assert run.step == 2 and len(run.losses) == 2
-    _, classes = trainer.loader.dataset.batch(list(range(len(trainer.loader.dataset))))
+    _, classes = trainer.loader.datasets[0].batch(list(range(len(trainer.loader.datasets[0]))))
     assert sorted(classes.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # 9 training clips, their folders' ids
     out = sample_to_files(tmp_path / "videoar" / "checkpoints", tmp_path / "samples", class_ids=[2])
     assert out.frames.shape == (1, 17, 32, 32, 3) and out.forwards == 30

@@ -4,6 +4,9 @@ The active stage and every scheduled value (flip ratio p_max, frame mask) are pu
 so a resumed run computes exactly what an uninterrupted one would. What was consumed (per-stage sample counts)
 is the loader's state (data_pipeline/loader.py `StreamingLoader`); `check_consumed` compares it on resume with
 what the current config implies (a changed batch size or stage boundary is a clear error, not a silent data skip).
+
+A stage that mixes images and clips (`image_batch`) has two data streams, one per part (`StageConfig.parts`);
+`streams` lists every stage's parts in order, each with its own samples-consumed count.
 """
 
 from __future__ import annotations
@@ -17,6 +20,16 @@ class Curriculum:
         ends = [s.until_step for s in stages]
         self.stages = list(stages)
         self.starts = [0] + ends[:-1]
+        # (stage index, part) of every data stream; a video-only stage has one, named as the stage
+        self.streams = [(i, part) for i, s in enumerate(self.stages) for part in s.parts()]
+
+    @property
+    def stream_names(self) -> list[str]:
+        return [part.name for _, part in self.streams]
+
+    def stage_streams(self, index: int) -> list[tuple[int, "StageConfig"]]:
+        """(stream index, part) of stage `index`'s parts: the clips first, then the images."""
+        return [(j, part) for j, (i, part) in enumerate(self.streams) if i == index]
 
     @property
     def total_steps(self) -> int:
@@ -41,16 +54,18 @@ class Curriculum:
         return s.flip_start + (s.flip_end - s.flip_start) * frac
 
     def expected_consumed(self, step: int) -> list[int]:
-        """Samples each stage has consumed after `step` completed steps, as the config implies."""
-        return [s.global_batch * max(0, min(step, s.until_step if i < len(self.stages) - 1 else step) - start)
-                for i, (s, start) in enumerate(zip(self.stages, self.starts))]
+        """Samples each data stream (`streams`) has consumed after `step` completed steps, as the config implies."""
+        last = len(self.stages) - 1
+        steps = [max(0, min(step, s.until_step if i < last else step) - start)
+                 for i, (s, start) in enumerate(zip(self.stages, self.starts))]
+        return [part.global_batch * steps[i] for i, part in self.streams]
 
     def check_consumed(self, consumed: list[int], step: int) -> None:
         """Refuse a resume after `step` completed steps whose data position (samples consumed per stage, the
         loader's state) differs from what the current config implies."""
         expected = self.expected_consumed(step)
         if list(consumed) != expected:
-            names = [s.name for s in self.stages]
+            names = self.stream_names
             raise ValueError(f"curriculum mismatch at step {step}: the checkpoint consumed {list(consumed)} "
-                             f"samples per stage {names}, the current config implies {expected} "
+                             f"samples per data stream {names}, the current config implies {expected} "
                              f"(were global_batch or until_step changed?)")

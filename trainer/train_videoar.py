@@ -76,20 +76,22 @@ class VideoARTrainer:
         self.plan = self.model.parallel_plan()
         self.curriculum = Curriculum(cfg.curriculum)
         for s in self.curriculum.stages:
-            if s.global_batch % (s.micro_batch * self.topo.dp):
-                raise ValueError(f"curriculum[{s.name}].global_batch={s.global_batch} must be a multiple of "
-                                 f"micro_batch x data-parallel size = {s.micro_batch} x {self.topo.dp}")
+            for part in s.parts():  # every part (clips, images) of a step splits evenly over the ranks
+                if part.global_batch % (s.micro_batch * self.topo.dp):
+                    what = "image_batch" if part.name != s.name else "global_batch - image_batch"
+                    raise ValueError(f"curriculum[{s.name}].{what}={part.global_batch} must be a multiple of "
+                                     f"micro_batch x data-parallel size = {s.micro_batch} x {self.topo.dp}")
         first = self.curriculum.stages[0]
         self.engine = parallelize(self.model, self.plan, self.topo, cfg.parallel, t, self.curriculum.total_steps,
                                   self.device, first.global_batch, first.micro_batch)
         self.state = TrainState()
-        self.loader = StreamingLoader([s.name for s in self.curriculum.stages], cfg.run.seed, self.topo.dp_rank,
-                                      self.topo.dp)
+        self.loader = StreamingLoader(self.curriculum.stream_names, cfg.run.seed, self.topo.dp_rank, self.topo.dp)
         self.checkpoints = CheckpointManager(
             out_dir(cfg) / "checkpoints", self.engine, self.state, {"rng": RNGState(), "curriculum": self.loader},
             self.topo.rank, self.topo.world, self._checkpoint_metadata, t.ckpt_every, t.keep_last, t.async_save,
             cfg.parallel.timeout_s)
         self._stage_index, self.quantizer = -1, None
+        self.parts: list[tuple[int, object, object]] = []  # the stage's (stream index, part, quantizer) per part
         self.peak_flops = cfg.run.peak_flops or broadcast_object(measure_peak_flops(self.device))
         self.ledger = None  # sample keys per step (videoar_train.sample_ledger)
         self.evaluator = HeldOutEvaluator(self, lambda stage: self._load_data(stage, heldout=True))
@@ -114,10 +116,14 @@ class VideoARTrainer:
         if index == self._stage_index:
             return
         stage = self.curriculum.stages[index]
-        log.info("stage %s: %dx%d, %d frames, scales %s, global batch %d", stage.name, *stage.resolution,
-                 stage.frames, stage.scales, stage.global_batch)
-        self.loader.set_stage(index, self._load_data(stage))
-        self.quantizer = self.tokenizer.quantizer.for_sizes(stage.sizes)
+        self.parts = []
+        for j, part in self.curriculum.stage_streams(index):
+            log.info("stage %s: %d x %dx%d, %d frames, scales %s", part.name, part.global_batch, *part.resolution,
+                     part.frames, part.scales)
+            self.loader.set_stream(j, self._load_data(part))
+            self.parts.append((j, part, self.tokenizer.quantizer.for_sizes(part.sizes)))
+        self.loader.drop_streams({j for j, _, _ in self.parts})
+        self.quantizer = self.parts[0][2]  # the first part's: held-out evaluation and sampling use it
         self.engine.set_batch(stage.global_batch, stage.micro_batch)
         self._stage_index = index
 
@@ -132,48 +138,75 @@ class VideoARTrainer:
         return self.evaluator.evaluate(self._stage_index, self.quantizer)
 
     # -- one step ----------------------------------------------------------------------------------------------
+    def _prepare(self, batches: list, p_max: float) -> list[tuple]:
+        """(micro-batch, objective, layout) of each stage part's loaded batch: CFEC, frame mask, condition dropout."""
+        t, out = self.cfg.videoar_train, []
+        for (_, part, q), batch in zip(self.parts, batches):
+            layout = self.model.layout_for(batch.latents.shape[1], q.sizes)
+            gens = [sample_generator(self.cfg.run.seed, self.state.step, j) for j in batch.positions]
+            micro = prepare_batch(q, layout, batch.latents.to(self.device), batch.cond.to(self.device), part,
+                                  self.cfg.videoar.cond_drop, p_max, t.flip_p_min, t.flip_delta, gens, t.flip_inherit)
+            out.append((micro, BitObjective(layout.length - layout.prefix_len,
+                                            scale_loss_weights(layout, t.scale_loss_weight)), layout))
+        return out
+
     def train_step(self) -> dict:
-        """One optimizer step; the record has the loss breakdown and this rank's phase times."""
-        t, cur, topo, st = self.cfg.videoar_train, self.curriculum, self.topo, self.state
+        """One optimizer step over every part of the stage (clips, images); the record has the loss breakdown and
+        this rank's phase times."""
+        cur, topo, st = self.curriculum, self.topo, self.state
         index = cur.index(st.step)
         self._enter_stage(index)
-        stage, q, p_max = cur.stages[index], self.quantizer, cur.flip_p_max(st.step)
+        stage, p_max = cur.stages[index], cur.flip_p_max(st.step)
         t0 = clock(self.device)
-        batch = self.loader.next_batch(stage.global_batch)
+        batches, offset = [], 0
+        for j, part, _ in self.parts:  # the parts take consecutive positions of the step's global batch
+            batches.append(self.loader.next_batch(j, part.global_batch, offset))
+            offset += part.global_batch
         t1 = clock(self.device)
-        layout = self.model.layout_for(batch.latents.shape[1], q.sizes)
-        gens = [sample_generator(self.cfg.run.seed, st.step, j) for j in batch.positions]
-        micro = prepare_batch(q, layout, batch.latents.to(self.device), batch.cond.to(self.device), stage,
-                              self.cfg.videoar.cond_drop, p_max, t.flip_p_min, t.flip_delta, gens, t.flip_inherit)
+        prepared = self._prepare(batches, p_max)
         t2 = clock(self.device)
         lr = self.engine.lr
-        objective = BitObjective(layout.length - layout.prefix_len, scale_loss_weights(layout, t.scale_loss_weight))
-        loss, stats = self.engine.forward_backward(micro.split(stage.micro_batch), objective)
+        loss, stats = self.engine.forward_backward([(m.split(stage.micro_batch), o) for m, o, _ in prepared])
         t3 = clock(self.device)
         grad_norm, applied = self.engine.step()
-        flip = micro.flip_ratio.sum()
+        flip = sum(m.flip_ratio.sum() for m, _, _ in prepared)
         if topo.dp > 1:  # metrics over the global batch
-            loss, flip, stats = all_reduce_packed([loss / topo.dp, flip, stats], data_parallel_group())
+            loss, flip, *stats = all_reduce_packed([loss / topo.dp, flip, *stats], data_parallel_group())
         t4 = clock(self.device)
         if self.ledger is not None:  # what this rank's loader actually delivered for this step
-            self.ledger.log({"step": st.step + 1, "keys": batch.keys})
-        video_tokens = layout.length - layout.prefix_len
-        st.consumed_tokens += stage.global_batch * video_tokens
+            self.ledger.log({"step": st.step + 1, "keys": [k for b in batches for k in b.keys]})
+        tokens = sum(part.global_batch * (lay.length - lay.prefix_len)
+                     for (_, part, _), (_, _, lay) in zip(self.parts, prepared))
+        st.consumed_tokens += tokens
         st.step += 1
         st.skipped_steps += not applied
         st.nonfinite_run = 0 if applied else st.nonfinite_run + 1
-        frame_ids, scale_ids = (x[layout.prefix_len:] for x in layout.token_ids())
         return {"step": st.step, "total_steps": cur.total_steps, "stage": stage.name, "stage_index": index,
-                "loss": float(loss),
-                **breakdown(*objective.split_stats(stats), stage.global_batch, q.dim, frame_ids, scale_ids),
+                "loss": float(loss), **self._breakdown(prepared, stats),
                 "grad_norm": grad_norm, "lr": lr, "skipped_steps": st.skipped_steps, "flip_p_max": p_max,
                 "flip_ratio": float(flip) / stage.global_batch, "frame_mask_p": stage.p_mask,
                 "consumed_samples": sum(self.loader.consumed), "consumed_tokens": st.consumed_tokens,
-                "tokens": stage.global_batch * video_tokens,
-                "model_flops": train_step_flops(self.cfg.videoar, self.cfg.tokenizer.latent_dim, layout,
-                                                stage.global_batch),
+                "tokens": tokens,
+                "model_flops": sum(train_step_flops(self.cfg.videoar, self.cfg.tokenizer.latent_dim, lay,
+                                                    part.global_batch)
+                                   for (_, part, _), (_, _, lay) in zip(self.parts, prepared)),
                 "time/data_s": t1 - t0, "time/prepare_s": t2 - t1, "time/fwd_bwd_s": t3 - t2,
                 "time/optimizer_s": t4 - t3, "time/checkpoint_s": 0.0}
+
+    def _breakdown(self, prepared: list[tuple], stats: list) -> dict[str, float]:
+        """Per-scale/per-frame losses and bit accuracy of the first part; a joint stage's images get
+        `images/loss` and `images/bit_acc`."""
+        out = {}
+        for k, ((_, part, q), (_, objective, layout), part_stats) in enumerate(zip(self.parts, prepared, stats)):
+            frame_ids, scale_ids = (x[layout.prefix_len:] for x in layout.token_ids())
+            token_loss, token_correct = objective.split_stats(part_stats)
+            parts = breakdown(token_loss, token_correct, part.global_batch, q.dim, frame_ids, scale_ids)
+            if k == 0:
+                out.update(parts)
+            else:
+                out.update({"images/bit_acc": parts["bit_acc"],
+                            "images/loss": float(token_loss.sum() / (part.global_batch * token_loss.numel()))})
+        return out
 
     def finish_record(self, rec: dict) -> dict:
         """Phase times and memory as maxima over ranks (a collective: every rank calls it at the same step),
