@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+import pickle
 import re
 import shutil
 import threading
@@ -35,6 +36,7 @@ from safetensors.torch import save
 
 from common.atomic import atomic_write_bytes, atomic_write_text
 from common.parallel_plan import tp_split_dim
+from parallel.deepspeed_files import verify_deepspeed_dir
 from parallel.collectives import any_rank, broadcast_object, rank as process_rank
 from parallel.topology import rank_of
 
@@ -173,7 +175,11 @@ def read_checkpoint(directory: str | Path, wanted: Wanted = None
         if (hashlib.sha256(data).hexdigest() if load else _sha256(path)) != digest:
             raise ValueError(f"{path}: checksum mismatch (corrupted or partially written)")
         if load:
-            shards[name] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            try:
+                shards[name] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:  # an object that is not tensors/containers: never executed
+                reason = str(e).strip().splitlines()[-1][:300]
+                raise ValueError(f"{path}: refused: holds pickled objects other than tensors ({reason})") from None
     return meta, shards
 
 
@@ -302,6 +308,7 @@ def full_model_state(directory: str | Path, split: dict[str, int] | None = None)
                          f"{layout['tp']} is not supported; train with zero_stage=0 to get layout-free shards")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    verify_deepspeed_dir(directory / "deepspeed")  # zero_to_fp32 unpickles with weights_only=False
     return meta, dict(get_fp32_state_dict_from_zero_checkpoint(str(directory / "deepspeed"), tag="state"))
 
 

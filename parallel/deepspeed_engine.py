@@ -14,6 +14,7 @@ from torch import nn
 from common.job_config import ParallelConfig
 from common.parallel_plan import ParallelPlan
 from parallel import checkpoint_format as fmt
+from parallel.deepspeed_files import WeightsOnlyCheckpointEngine
 from parallel.engine import Objective, clean_name, combine_groups, optimizer_and_schedule, poison_if_nonfinite
 from parallel.engine import run_micro_batches
 from parallel.topology import Topology
@@ -74,6 +75,7 @@ class DeepSpeedEngine:
             model=model, optimizer=opt, lr_scheduler=sched, mpu=MegatronMPU(),
             config=deepspeed_config(pcfg, tcfg, topo, global_batch, micro_batch, device.type, plan.hidden_size))
         self.module = self.engine.module
+        self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine.checkpoint_engine)  # untrusted files
         self.parallel_layout = {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "zero_stage": pcfg.zero_stage}
 
     @property

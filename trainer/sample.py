@@ -140,7 +140,7 @@ def generate(model: VideoAR, cfg: Config, tokenizer: VideoTokenizer, cond: torch
         res = sample(model, quantizer, cond, num_latent, sampling, given, gen, window=stage.window)
         video = tokenizer.decode_latent(res.latent.transpose(1, 2))
         pieces.append(video if shot == 0 else video[:, :, overlap:])  # the context frames are already there
-        given = [x[:, :extend_context] for x in encode_bits(tokenizer, quantizer, video[:, :, -overlap:])]
+        given = encode_bits(tokenizer, quantizer, video[:, :, -overlap:])  # exactly extend_context latent frames
         forwards, cache_bytes = forwards + res.forwards, max(cache_bytes, res.cache_bytes)
     return torch.cat(pieces, dim=2), forwards, cache_bytes
 

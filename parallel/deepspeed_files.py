@@ -1,0 +1,51 @@
+"""DeepSpeed checkpoint files read as untrusted input: `torch.load(weights_only=True)` instead of DeepSpeed's own
+`weights_only=False`, so a crafted file cannot run code. Besides tensors and containers, DeepSpeed pickles three
+plain types of its own (an enum, the loss-scaler's fields, a dataclass of fragment offsets); only those are allowed.
+Used for resume (`WeightsOnlyCheckpointEngine` in place of DeepSpeed's checkpoint engine) and for consolidation
+(`verify_deepspeed_dir` before DeepSpeed's zero_to_fp32 reads the files)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _deepspeed_types() -> list[type]:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def load_deepspeed_file(path: str | Path, map_location: Any = None) -> Any:
+    """One DeepSpeed checkpoint file, tensors and DeepSpeed's three plain types only; anything else is refused."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1][:300]
+        raise ValueError(f"{path}: refused: the file holds pickled objects other than tensors and DeepSpeed's "
+                         f"checkpoint types, and loading it could run code ({reason})") from None
+
+
+def verify_deepspeed_dir(directory: str | Path) -> None:
+    """Every `*.pt` file under `directory` loads under `load_deepspeed_file` (raises otherwise)."""
+    for path in sorted(Path(directory).rglob("*.pt")):
+        load_deepspeed_file(path, "cpu")
+
+
+class WeightsOnlyCheckpointEngine:
+    """DeepSpeed's checkpoint engine with `load` through `load_deepspeed_file`; everything else is the original's."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return load_deepspeed_file(path, map_location)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
