@@ -30,10 +30,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so readers see either the old file or the complete new one, never a partial one."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # e.g. a full disk: name the file (a failed write() names none); the temp is removed
+            raise OSError(e.errno, f"{e.strerror} (writing {len(data)} bytes)", str(path)) from e
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

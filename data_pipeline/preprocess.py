@@ -365,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         s = preprocess(cfg)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
+    except OSError as e:  # e.g. a full output disk: committed inputs stay committed; rerun once there is space
+        print(f"error: {e}; inputs committed so far are kept, rerun to continue", file=sys.stderr)
+        return 1
     rate = s.clips / s.seconds if s.seconds else 0.0
     print(f"inputs {s.inputs} ({s.skipped} already committed), clips written {s.clips}, quarantined "
           f"{s.quarantined}, shards {s.shards} ({s.bytes / 2**20:.1f} MB), {rate:.1f} clips/s; "

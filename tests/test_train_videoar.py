@@ -105,20 +105,27 @@ def test_overfit_then_greedy_sampling_reproduces_training_bits(clips_dir, tokeni
 
 def test_gradient_accumulation_matches_one_big_micro_batch(clips_dir, tokenizer_ckpt, tmp_path):
     """Random draws are per sample (flips, frame mask, condition dropout all on): 2 x 2 accumulated == 1 x 4
-    (fp32 summation order only: losses 1e-6; weights 1e-5 = 1% of one lr-1e-3 step, since Adam divides by sqrt(v)
-    and a weight whose gradient is near zero moves by lr * dg / sqrt(v) for a summation-order dg)."""
+    (fp32 summation order only: losses 1e-6). Weights: each tensor's difference is under 1% of the update the two
+    steps made to it (Frobenius norms). Not elementwise: Adam's first step moves a weight by lr * g / (|g| + eps),
+    so a weight whose gradient is ~eps moves by up to lr for a summation-order change of g (measured: 2e-5 on one
+    of 3,072 elements after the data changed)."""
     def stage(micro):
         return (f"curriculum=[{{name: s, until_step: 2, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
                 f"global_batch: 4, micro_batch: {micro}, flip_start: 0.2, flip_end: 0.3, p_mask: 0.3}}]")
-    runs = []
+    runs, init = [], None
     for micro in (4, 2):
         t = VideoARTrainer(make_cfg(clips_dir, tokenizer_ckpt, tmp_path / str(micro), stage(micro)),
                            progress=False)
+        init = init or {k: v.clone() for k, v in t.model.state_dict().items()}
         runs.append((t.train().losses, t.model.state_dict()))
     (l4, s4), (l2, s2) = runs
     assert l4 == pytest.approx(l2, abs=1e-6)
     for k in s4:
-        torch.testing.assert_close(s4[k], s2[k], rtol=0, atol=1e-5)
+        update = (s4[k] - init[k]).norm()
+        if update > 0:
+            assert (s4[k] - s2[k]).norm() <= 1e-2 * update, k
+        else:
+            assert torch.equal(s4[k], s2[k]), k
 
 
 def test_bf16_autocast_trains_close_to_fp32(clips_dir, tokenizer_ckpt, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -60,6 +61,10 @@ class RNGState:
         torch.set_rng_state(state["torch"])
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written on some rank; nothing of it was committed."""
+
+
 class CheckpointManager:
     """Saves and restores `engine` + `states` under `root` (`<run>/videoar/checkpoints`): a rank's shard holds the
     engine's state and the train state's fields at its top level and each other component under its key.
@@ -105,12 +110,29 @@ class CheckpointManager:
             self.saver.submit(write_and_commit)
             self.last = previous or self.last
             return None
-        fmt.write_rank_shard(tmp, name, self.shard())
-        self.engine.save(tmp)
+        self._agree_written(step, tmp, lambda: fmt.write_rank_shard(tmp, name, self.shard()))
+        self._agree_written(step, tmp, lambda: self.engine.save(tmp))
         barrier()  # every shard is on disk before the commit marker
         committed = fmt.commit_checkpoint(self.root, step, tmp, meta, self.keep_last) if self.rank == 0 else None
         self.last = broadcast_object(committed)
         return self.last
+
+    def _agree_written(self, step: int, tmp: Path, write: Callable[[], Any]) -> None:
+        """Run `write`; if it failed on any rank (a full disk, an I/O error), every rank raises the same
+        `CheckpointWriteError` (no rank waits for a shard that never comes) and the partial step is removed, so it
+        neither shows as committed nor keeps the space it took."""
+        error = None
+        try:
+            write()
+        except OSError as e:
+            error = e
+        if any_rank(error is not None):
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            what = f"rank {self.rank}: {error}" if error is not None else "another rank failed to write its shard"
+            raise CheckpointWriteError(f"checkpoint of step {step} not written ({what}); the last committed "
+                                       f"checkpoint {self.last or 'in ' + str(self.root)} is intact: free space "
+                                       "and rerun to resume from it")
 
     def wait(self) -> Path | None:
         """Join an asynchronous save; every rank returns the newest committed checkpoint directory."""

@@ -31,7 +31,7 @@ from models.videoar import VideoAR
 from parallel.collectives import all_reduce_packed, broadcast_object, data_parallel_group, max_over_ranks
 from parallel.parallelize import parallelize
 from parallel.topology import describe_failure, destroy_topology, init_topology, rank_device
-from trainer.checkpointing import CheckpointManager, RNGState, TrainState, check_shared_run_dir
+from trainer.checkpointing import CheckpointManager, CheckpointWriteError, RNGState, TrainState, check_shared_run_dir
 from trainer.curriculum import Curriculum
 from trainer.evaluate import HeldOutEvaluator
 from trainer.flops import measure_peak_flops, train_step_flops
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = VideoARTrainer(cfg)
     try:
         run = trainer.train(args.max_steps, preemption=preemption)
-    except NonFiniteError as e:
+    except (NonFiniteError, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
