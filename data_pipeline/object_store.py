@@ -51,6 +51,20 @@ class Store:
         """A filesystem path for `key` when the store is local (decoders can open it directly)."""
         return None
 
+    def stale_temporaries(self, min_age_s: float) -> list[str]:
+        """Keys of temporary objects older than `min_age_s` (a write killed before its rename, or the temp keys
+        of S3 writers before 2026-11-22 that exhausted their retries): never listed, never read, only space."""
+        return []
+
+    def clean_temporaries(self, min_age_s: float = 3600.0) -> int:
+        """Delete `stale_temporaries`; the age limit leaves a concurrent writer's in-flight temp alone."""
+        stale = self.stale_temporaries(min_age_s)
+        for key in stale:
+            self.delete(key)
+        if stale:
+            log.info("%s: removed %d stale temporary objects (e.g. %s)", self.url, len(stale), stale[0])
+        return len(stale)
+
     def join(self, key: str) -> str:
         return f"{self.url.rstrip('/')}/{key}"
 
@@ -89,6 +103,13 @@ class LocalStore(Store):
 
     def local_path(self, key):
         return self.root / key
+
+    def stale_temporaries(self, min_age_s):
+        if not self.root.is_dir():
+            return []
+        cutoff = time.time() - min_age_s
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob(".*.tmp-*")
+                      if p.is_file() and p.stat().st_mtime < cutoff)
 
 
 class S3Store(Store):
@@ -148,6 +169,14 @@ class S3Store(Store):
 
     def delete(self, key):
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def stale_temporaries(self, min_age_s):
+        full = f"{self.prefix}/" if self.prefix else ""
+        strip = len(full)
+        cutoff = time.time() - min_age_s
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+        return sorted(o["Key"][strip:] for page in pages for o in page.get("Contents", [])
+                      if ".tmp-" in o["Key"][strip:] and o["LastModified"].timestamp() < cutoff)
 
 
 def open_store(url: str | os.PathLike, endpoint_url: str | None = None) -> Store:

@@ -189,6 +189,7 @@ def preprocess(cfg, progress: bool = True) -> Summary:
     shards = _progress_records(out, "shards")
     if any(r.get("tokenizer") != tok_hash for r in shards.values()):
         raise ValueError(f"{p.output}: holds shards made with another tokenizer; use a new output location")
+    out.clean_temporaries()  # temps of writes killed or out of retries in earlier runs, older than an hour
     todo = [(k, s) for k, s in inputs if input_id(k, s) not in done]
     summary = Summary(inputs=len(inputs), skipped=len(inputs) - len(todo), not_videos=not_videos)
     writers = {b.name: BucketWriter(b, 1 + max([int(r["name"][-10:-4]) for r in shards.values()
