@@ -36,7 +36,7 @@ from safetensors.torch import save
 
 from common.atomic import atomic_write_bytes, atomic_write_text
 from common.parallel_plan import tp_split_dim
-from parallel.deepspeed_files import verify_deepspeed_dir
+from parallel.safe_load import refusal_reason, verify_deepspeed_dir
 from parallel.collectives import any_rank, broadcast_object, rank as process_rank
 from parallel.topology import rank_of
 
@@ -178,8 +178,8 @@ def read_checkpoint(directory: str | Path, wanted: Wanted = None
             try:
                 shards[name] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:  # an object that is not tensors/containers: never executed
-                reason = str(e).strip().splitlines()[-1][:300]
-                raise ValueError(f"{path}: refused: holds pickled objects other than tensors ({reason})") from None
+                raise ValueError(f"{path}: refused: holds pickled objects other than tensors "
+                                 f"({refusal_reason(e)})") from None
     return meta, shards
 
 

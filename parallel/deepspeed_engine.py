@@ -14,7 +14,7 @@ from torch import nn
 from common.job_config import ParallelConfig
 from common.parallel_plan import ParallelPlan
 from parallel import checkpoint_format as fmt
-from parallel.deepspeed_files import WeightsOnlyCheckpointEngine
+from parallel.safe_load import WeightsOnlyCheckpointEngine
 from parallel.engine import Objective, clean_name, combine_groups, optimizer_and_schedule, poison_if_nonfinite
 from parallel.engine import run_micro_batches
 from parallel.topology import Topology

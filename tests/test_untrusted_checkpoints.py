@@ -48,7 +48,7 @@ def replace_in_checkpoint(step_dir: Path, rel: str, data: bytes) -> None:
 
 
 def _zero1_train(rank, world, clips_dir, tokenizer_ckpt, run_dir, out):
-    from parallel.deepspeed_files import WeightsOnlyCheckpointEngine
+    from parallel.safe_load import WeightsOnlyCheckpointEngine
     from trainer.train_videoar import VideoARTrainer
 
     cfg = make_cfg(clips_dir, tokenizer_ckpt, run_dir, STAGE, "parallel.zero_stage=1")
@@ -75,7 +75,7 @@ def zero1_run(clips_dir, tokenizer_ckpt, tmp_path_factory):
 def test_deepspeed_resume_and_consolidation_refuse_a_pickle_payload(zero1_run, clips_dir, tokenizer_ckpt,
                                                                      tmp_path):
     from parallel.checkpoint_format import full_model_state
-    from parallel.deepspeed_files import load_deepspeed_file
+    from parallel.safe_load import load_deepspeed_file
 
     reports = [json.loads((zero1_run / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["safe_engine"] and r["step"] == 2 and not r["error"] for r in reports)

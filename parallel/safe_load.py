@@ -1,4 +1,5 @@
-"""DeepSpeed checkpoint files read as untrusted input: `torch.load(weights_only=True)` instead of DeepSpeed's own
+"""Checkpoint files read as untrusted input. `refusal_reason` says why `torch.load(weights_only=True)` refused one.
+DeepSpeed's files: `torch.load(weights_only=True)` instead of DeepSpeed's own
 `weights_only=False`, so a crafted file cannot run code. Besides tensors and containers, DeepSpeed pickles three
 plain types of its own (an enum, the loss-scaler's fields, a dataclass of fragment offsets); only those are allowed.
 Used for resume (`WeightsOnlyCheckpointEngine` in place of DeepSpeed's checkpoint engine) and for consolidation
@@ -7,10 +8,21 @@ Used for resume (`WeightsOnlyCheckpointEngine` in place of DeepSpeed's checkpoin
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def refusal_reason(error: Exception) -> str:
+    """The pickled type that made a weights-only load fail (torch's message is a page long)."""
+    text = str(error)
+    if m := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+        return f"it pickles {m.group(1)}, not an allowed type"
+    if m := re.search(r"WeightsUnpickler error: ([^\n]+)", text):
+        return m.group(1)[:300]
+    return text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
 
 
 def _deepspeed_types() -> list[type]:
@@ -27,9 +39,8 @@ def load_deepspeed_file(path: str | Path, map_location: Any = None) -> Any:
         with torch.serialization.safe_globals(_deepspeed_types()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[-1][:300]
         raise ValueError(f"{path}: refused: the file holds pickled objects other than tensors and DeepSpeed's "
-                         f"checkpoint types, and loading it could run code ({reason})") from None
+                         f"checkpoint types, and loading it could run code ({refusal_reason(e)})") from None
 
 
 def verify_deepspeed_dir(directory: str | Path) -> None:
