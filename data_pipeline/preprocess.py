@@ -35,6 +35,7 @@ from common.config import config_arg_parser, config_from_args
 from data_pipeline.clips import IMAGE_EXTS, SIDECAR_EXTS, VIDEO_EXTS, folder_classes, parse_sidecar, to_model_input
 from data_pipeline.object_store import Store, open_store
 from data_pipeline.preprocess_report import Meter, Summary
+from data_pipeline.ray_runtime import start_ray
 from data_pipeline.shards import ShardRecord, sample_dict, write_tar_shard
 from data_pipeline.tokenizer_ckpt import WEIGHTS, load_tokenizer
 from data_pipeline.video_io import VideoDecodeError, probe_video, read_video
@@ -212,23 +213,6 @@ def preprocess(cfg, progress: bool = True) -> Summary:
     return summary
 
 
-def _start_ray(ray, p) -> bool:
-    """A local Ray runtime (loopback only), or the configured cluster; True when this call started it."""
-    if ray.is_initialized():
-        return False
-    # workers must import this project; a Ray Job that started us has already arranged that
-    inherited = os.environ.get("PYTHONPATH", "")
-    env = None if PROJECT_ROOT in inherited.split(os.pathsep) else \
-        {"env_vars": {"PYTHONPATH": os.pathsep.join(x for x in (PROJECT_ROOT, inherited) if x)}}
-    if p.ray_address:
-        ray.init(address=p.ray_address, runtime_env=env, log_to_driver=False)
-    else:
-        # scheduling slots, not cores: one per encoder actor plus room for the decode tasks
-        ray.init(address="local", num_cpus=p.workers + 2, _node_ip_address="127.0.0.1", include_dashboard=False,
-                 runtime_env=env, log_to_driver=False)
-    return True
-
-
 def _add_encoded(w: BucketWriter, state: dict, iid: str, key: str, starts: list[int], latents, text, res: dict,
                  source: str, tok_hash: str) -> None:
     """Buffer one input's encoded clips of one bucket as shard samples."""
@@ -247,7 +231,7 @@ def _add_encoded(w: BucketWriter, state: dict, iid: str, key: str, starts: list[
 def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint, meter: Meter,
          classes: dict[str, int]) -> None:
     p, v = cfg.preprocess, cfg.videoar
-    started_here = _start_ray(ray, p)
+    started_here = start_ray(ray, p, PROJECT_ROOT)
     meter.started()
     decode = ray.remote(decode_input)
     actor_cls = ray.remote(num_cpus=1)(Encoder)

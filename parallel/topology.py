@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -81,6 +83,34 @@ def ensure_rendezvous_env(rank: int, world: int) -> None:
     env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
 
 
+def loopback_store(rank: int, world: int, timeout: timedelta) -> dist.TCPStore | None:
+    """The rendezvous store of a single-node job (MASTER_ADDR is a loopback address) listening on that address
+    only: torch's TCPStore binds every interface by default, visible to the whole network. Rank 0 binds the
+    socket itself and hands it over (`master_listen_fd`). None otherwise (env:// as usual, multi-node)."""
+    host, port = os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT", "0") or 0)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback or not port:
+        return None
+    listen = None
+    if rank == 0:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listen = socket.socket(family, socket.SOCK_STREAM)
+        listen.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listen.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", port))
+        except OSError as e:
+            listen.close()
+            raise RuntimeError(f"rank 0: cannot listen on {host}:{port} for the rendezvous ({e}); another job "
+                               "holds the port: set MASTER_PORT (jobs.launch --master-port)") from None
+        listen.listen(world)
+    # detach: the store owns the listening descriptor from here on (Python must not close it when collected)
+    return dist.TCPStore(host, port, world, rank == 0, timeout=timeout,
+                         master_listen_fd=listen.detach() if listen else None)
+
+
 def rank_of(tp_rank: int, dp_rank: int, pp_rank: int, layout: dict[str, int]) -> int:
     """megatron-core's rank order, which checkpoints assume: rank = tp_rank + tp * (dp_rank + dp * pp_rank)."""
     return tp_rank + layout["tp"] * (dp_rank + layout["dp"] * pp_rank)
@@ -100,7 +130,9 @@ def init_topology(cfg: ParallelConfig, device: str = "cpu") -> Topology:
         torch.cuda.set_device(rank_device("cuda"))
     if not dist.is_initialized():
         ensure_rendezvous_env(rank, world)
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=cfg.timeout_s))
+        timeout = timedelta(seconds=cfg.timeout_s)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                store=loopback_store(rank, world, timeout))
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
