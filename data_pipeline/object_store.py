@@ -127,6 +127,23 @@ class S3Store(Store):
         self.client = boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
                                    config=Config(retries={"max_attempts": attempts, "mode": "standard"},
                                                  connect_timeout=10))
+        self.max_attempts = attempts
+        self.client.meta.events.register_first("needs-retry.s3", self._log_failed_attempt)
+
+    def _log_failed_attempt(self, attempts: int = 0, caught_exception=None, response=None, operation=None,
+                            **_) -> None:
+        """A log line per failed request attempt (botocore retries silently); returns None: the retry policy
+        registered after this decides."""
+        if caught_exception is not None:
+            what = type(caught_exception).__name__
+        elif response is not None and response[0].status_code >= 500:
+            what = f"HTTP {response[0].status_code}"
+        else:
+            return None
+        name = getattr(operation, "name", "request")
+        log.warning("%s: %s attempt %d of %d failed (%s); retrying with backoff", self.url, name, attempts,
+                    self.max_attempts, what)
+        return None
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
