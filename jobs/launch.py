@@ -12,6 +12,7 @@ launcher then exits 3 too, so a job script can requeue. Any other failure stops 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -28,9 +29,18 @@ def _ignore_usr1() -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+def rank_env(nproc: int, nnodes: int, node_rank: int, local: int, master_addr: str, master_port: int,
+             threads: int = 0) -> dict[str, str]:
+    """The torchrun variables of local process `local` on node `node_rank`."""
+    env = {"RANK": str(node_rank * nproc + local), "LOCAL_RANK": str(local), "WORLD_SIZE": str(nproc * nnodes),
+           "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
 def launch(nproc: int, args: list[str], module: str = "trainer.train_videoar", nnodes: int = 1, node_rank: int = 0,
            master_addr: str = "127.0.0.1", master_port: int = 29500, threads: int = 0) -> int:
-    world = nproc * nnodes
     procs, pending = [], []
 
     def forward(signum, frame):
@@ -41,11 +51,7 @@ def launch(nproc: int, args: list[str], module: str = "trainer.train_videoar", n
 
     previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}  # before any rank starts
     for local in range(nproc):
-        env = {**os.environ, "RANK": str(node_rank * nproc + local), "LOCAL_RANK": str(local),
-               "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": master_addr,
-               "MASTER_PORT": str(master_port)}
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)
+        env = {**os.environ, **rank_env(nproc, nnodes, node_rank, local, master_addr, master_port, threads)}
         # a rank starts with SIGUSR1 ignored until its trainer installs the preemption handler (its first act):
         # a preemption during Python/torch start-up is then re-sent, not a kill by the default action
         procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env, preexec_fn=_ignore_usr1))
@@ -88,9 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--master-port", type=int, default=29500)
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per process (0: leave as is)")
     parser.add_argument("--module", default="trainer.train_videoar", help="python -m module to run")
+    parser.add_argument("--dry-run", action="store_true", help="print each process's RANK, LOCAL_RANK, WORLD_SIZE, "
+                                                                  "MASTER_ADDR, MASTER_PORT (one JSON line each), "
+                                                                  "start nothing")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="-- then the module's arguments")
     a = parser.parse_args(argv)
     rest = a.args[1:] if a.args[:1] == ["--"] else a.args
+    if a.dry_run:
+        for local in range(a.nproc):
+            print(json.dumps({**rank_env(a.nproc, a.nnodes, a.node_rank, local, a.master_addr, a.master_port,
+                                         a.threads), "NODE_RANK": str(a.node_rank), "args": rest}))
+        return 0
     return launch(a.nproc, rest, a.module, a.nnodes, a.node_rank, a.master_addr, a.master_port, a.threads)
 
 

@@ -45,3 +45,48 @@ def test_srun_repeats_cpus_per_task(tmp_path):
     lines = render_sbatch(cfg, tmp_path / "c.yaml").splitlines()
     srun = next(line for line in lines if line.startswith("srun "))
     assert "#SBATCH --cpus-per-task=12" in lines and srun.startswith("srun --ntasks-per-node=1 --cpus-per-task=12 ")
+
+
+FAKE_SRUN = """#!/bin/bash
+# srun as SLURM runs it: one task per node, each with its own per-task variables (unlike the batch step's);
+# `jobs.launch` is run with --dry-run so each task prints the ranks it would start
+while [[ "$1" == --* ]]; do shift; done  # srun's own options
+cmd=()
+for a in "$@"; do cmd+=("$a"); [[ "$a" == "jobs.launch" ]] && cmd+=("--dry-run"); done
+for ((i = 0; i < SLURM_NNODES; i++)); do
+  SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 SLURMD_NODENAME=node$i "${cmd[@]}" || exit $?
+done
+"""
+FAKE_SCONTROL = """#!/bin/bash
+[[ "$1 $2" == "show hostnames" ]] && for ((i = 0; i < SLURM_NNODES; i++)); do echo node$i; done
+"""
+
+
+def test_each_node_gets_its_own_node_rank_from_the_task_environment(tmp_path):
+    """The rendered script runs under bash with batch-step variables (SLURM_NODEID=0, SLURMD_NODENAME=node0) and
+    an srun that starts one task per node with per-task variables: every task must compute its own node rank
+    (a variable expanded by the batch shell would give every node rank 0), so the 4 x 8 processes get the global
+    ranks 0..31 once each, all with the first node as the rendezvous."""
+    import json
+    import os
+    import subprocess
+
+    cfg = load_config(None, TINY + [f"run.dir={tmp_path / 'run'}", "slurm.nodes=4", "slurm.gpus_per_node=8"])
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch(cfg, tmp_path / "c.yaml"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    batch = {"SLURM_NNODES": "4", "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURMD_NODENAME": "node0",
+             "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node[0-3]"}
+    env = {**os.environ, **batch, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    plans = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(plans) == 32
+    assert sorted(int(p["RANK"]) for p in plans) == list(range(32))
+    assert [int(p["NODE_RANK"]) for p in plans] == [i // 8 for i in range(32)]
+    assert {(p["WORLD_SIZE"], p["MASTER_ADDR"], p["MASTER_PORT"]) for p in plans} == {("32", "node0", "29500")}
+    assert all(p["args"][:2] == ["--config", str((tmp_path / "c.yaml").resolve())] for p in plans)
