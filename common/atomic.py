@@ -9,7 +9,7 @@ import contextlib
 import os
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -27,16 +27,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so readers see either the old file or the complete new one, never a partial one."""
+def atomic_write_stream(path: str | os.PathLike, write: Callable[[BinaryIO], None], size_hint: str = "") -> None:
+    """`write(file)` into a temp beside `path`, fsynced, then renamed: readers see the old file or the complete
+    new one. An OSError (e.g. a full disk) names `path` (a failed write() names none); the temp is removed."""
     with atomic_path(path) as tmp:
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as e:  # e.g. a full disk: name the file (a failed write() names none); the temp is removed
-            raise OSError(e.errno, f"{e.strerror} (writing {len(data)} bytes)", str(path)) from e
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror}{f' (writing {size_hint})' if size_hint else ''}", str(path)) from e
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so readers see either the old file or the complete new one, never a partial one."""
+    atomic_write_stream(path, lambda f: f.write(data), f"{len(data)} bytes")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -5,7 +5,7 @@ is the trainer's checkpoint manager (trainer/checkpointing.py); what an engine p
 `step-00001234/` holds one shard per rank (`rank-00003.pt`) and `metadata.json`, written last.
 
 A step directory is built under a temporary name, each rank fsyncs and hashes its own shard, `metadata.json`
-(format, step, sha256 per shard, config) is the commit marker, then the directory is renamed into place and `latest` is
+(format, step, a digest per file with its algorithm, config) is the commit marker, then the directory is renamed into place and `latest` is
 updated. Resume picks the newest committed step, verifies every checksum and falls back to the previous step
 when one is corrupted. Shards are loaded with `torch.load(weights_only=True)`: no pickled code runs.
 
@@ -17,7 +17,6 @@ parameter once; rank order is megatron-core's: rank = tp_rank + tp * (dp_rank + 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -30,12 +29,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.utils.serialization import config as serialization_config
 
 from safetensors import safe_open
 from safetensors.torch import save
 
-from common.atomic import atomic_write_bytes, atomic_write_text
+from common.atomic import atomic_write_bytes, atomic_write_stream, atomic_write_text
 from common.parallel_plan import tp_split_dim
+from parallel.digests import ALGORITHMS, DIGEST, LEGACY, HashingWriter, bytes_digest, file_digest
 from parallel.safe_load import refusal_reason, verify_deepspeed_dir
 from parallel.collectives import any_rank, broadcast_object, rank as process_rank
 from parallel.topology import rank_of
@@ -43,7 +44,7 @@ from parallel.topology import rank_of
 log = logging.getLogger(__name__)
 FORMAT, FORMAT_VERSION = "videoar-checkpoint", 2
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-DIGEST_SUFFIX = ".sha256"  # a rank's digest of its shard, beside it until the commit
+DIGEST_SUFFIX = ".digest"  # a rank's digest of its shard (parallel/digests.py DIGEST), beside it until the commit
 SINGLE = {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 0}  # the parallel layout of one process
 MOMENTS = ("exp_avg", "exp_avg_sq")  # optimizer state split like its parameter
 CONSOLIDATED, CONSOLIDATED_VERSION = "videoar-model", "1"
@@ -70,19 +71,27 @@ def begin_checkpoint(root: str | Path, step: int) -> Path:
 
 
 def write_rank_shard(tmp: Path, name: str, state: dict[str, Any]) -> str:
-    """One shard (e.g. `rank-00003.pt`), fsynced; every rank writes its own, in parallel, and hashes it while
-    the bytes go to disk. The digest goes to `<name>.sha256` after the shard is durable, so its presence means
-    the shard is complete, and the commit need not read the shard back. Returns the digest."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getbuffer()
-    digest: list[str] = []
-    hasher = threading.Thread(target=lambda: digest.append(hashlib.sha256(data).hexdigest()))  # releases the GIL
-    hasher.start()
-    atomic_write_bytes(tmp / name, data)
-    hasher.join()
-    atomic_write_text(tmp / (name + DIGEST_SUFFIX), digest[0])
-    return digest[0]
+    """One shard (e.g. `rank-00003.pt`), fsynced; every rank writes its own, in parallel. torch.save streams
+    into the file through a hashing writer (serialize, hash and write in one pass). The digest goes to
+    `<name>.digest` after the shard is durable, so its presence means the shard is complete, and the commit need
+    not read the shard back. Returns the digest."""
+    writer: list[HashingWriter] = []
+
+    def write(f) -> None:
+        writer.append(HashingWriter(f))
+        try:
+            # the zip's own CRC32 of every record would cost ~40% of the save; the digest covers every byte
+            with serialization_config.patch({"save.compute_crc32": False}):
+                torch.save(state, writer[0])
+        except RuntimeError:
+            if writer[0].error is not None:  # the disk's error (e.g. ENOSPC), not torch's wrapper of it
+                raise writer[0].error from None
+            raise
+
+    atomic_write_stream(tmp / name, write, "a checkpoint shard")
+    digest = writer[0].hexdigest()
+    atomic_write_text(tmp / (name + DIGEST_SUFFIX), digest)
+    return digest
 
 
 def commit_checkpoint(root: str | Path, step: int, tmp: Path, meta: dict[str, Any], keep_last: int = 3) -> Path:
@@ -93,10 +102,11 @@ def commit_checkpoint(root: str | Path, step: int, tmp: Path, meta: dict[str, An
     for f in sorted(tmp.rglob("*")):
         if f.is_file() and not f.name.endswith(DIGEST_SUFFIX):
             digest = f.with_name(f.name + DIGEST_SUFFIX)
-            sums[str(f.relative_to(tmp))] = digest.read_text().strip() if digest.is_file() else _sha256(f)
+            sums[str(f.relative_to(tmp))] = digest.read_text().strip() if digest.is_file() else file_digest(f)
     for f in tmp.rglob("*" + DIGEST_SUFFIX):
         f.unlink()
-    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "shards": sums, **meta}
+    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "digest": DIGEST, "shards": sums,
+              **meta}
     atomic_write_text(tmp / "metadata.json", json.dumps(record, indent=1, sort_keys=True))
     if final.exists():  # a re-save of the same step replaces it
         _discard(final)
@@ -129,14 +139,6 @@ def save_checkpoint(root: str | Path, step: int, shards: dict[str, dict[str, Any
     return commit_checkpoint(root, step, tmp, meta, keep_last)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def committed_steps(root: str | Path) -> list[int]:
     """Steps with a metadata.json (committed), oldest first."""
     root = Path(root)
@@ -163,6 +165,9 @@ def read_checkpoint(directory: str | Path, wanted: Wanted = None
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta_path}: expected {FORMAT} v{FORMAT_VERSION}, found "
                          f"{meta.get('format')} v{meta.get('format_version')}")
+    algorithm = meta.get("digest", LEGACY)  # checkpoints before 2026-12-03: sha256
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"{meta_path}: unknown digest {algorithm!r}; this version reads {list(ALGORITHMS)}")
     if callable(wanted):
         wanted = wanted(meta)
     shards = {}
@@ -172,7 +177,7 @@ def read_checkpoint(directory: str | Path, wanted: Wanted = None
             raise ValueError(f"{path}: missing checkpoint shard")
         load = path.suffix == ".pt" and path.parent == directory and (wanted is None or name in wanted)
         data = path.read_bytes() if load else None
-        if (hashlib.sha256(data).hexdigest() if load else _sha256(path)) != digest:
+        if (bytes_digest(data, algorithm) if load else file_digest(path, algorithm)) != digest:
             raise ValueError(f"{path}: checksum mismatch (corrupted or partially written)")
         if load:
             try:

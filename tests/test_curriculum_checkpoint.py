@@ -158,3 +158,28 @@ def test_wrong_format_is_refused(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="v99"):
         read_checkpoint(step_dir(tmp_path, 1))
+
+
+def test_digests_are_xxh3_and_old_sha256_checkpoints_still_verify(tmp_path):
+    """New checkpoints name their digest (xxh3-128 of each file, computed while writing); a checkpoint written
+    before (no `digest` field, sha256 sums) still loads, and a flipped byte fails either way."""
+    import hashlib
+
+    import xxhash
+
+    save_checkpoint(tmp_path, 1, {"rank-00000.pt": state(1)}, {})
+    d = step_dir(tmp_path, 1)
+    meta = json.loads((d / "metadata.json").read_text())
+    data = (d / "rank-00000.pt").read_bytes()
+    assert meta["digest"] == "xxh3_128" and meta["shards"]["rank-00000.pt"] == xxhash.xxh3_128_hexdigest(data)
+    legacy = {k: v for k, v in meta.items() if k != "digest"}
+    legacy["shards"] = {"rank-00000.pt": hashlib.sha256(data).hexdigest()}
+    (d / "metadata.json").write_text(json.dumps(legacy))
+    _, shards = read_checkpoint(d)
+    assert torch.equal(shards["rank-00000.pt"]["w"], state(1)["w"])
+    for m in (legacy, meta):
+        (d / "metadata.json").write_text(json.dumps(m))
+        (d / "rank-00000.pt").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        with pytest.raises(ValueError, match="checksum mismatch"):
+            read_checkpoint(d)
+        (d / "rank-00000.pt").write_bytes(data)

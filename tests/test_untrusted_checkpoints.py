@@ -4,7 +4,6 @@ refused with an error naming the file, and the file never appears."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from parallel.digests import bytes_digest
 from parallel.launch import run_local
 from tests.conftest import make_cfg
 
@@ -43,7 +43,7 @@ def replace_in_checkpoint(step_dir: Path, rel: str, data: bytes) -> None:
     (step_dir / rel).write_bytes(data)
     meta = json.loads((step_dir / "metadata.json").read_text())
     assert rel in meta["shards"]
-    meta["shards"][rel] = hashlib.sha256(data).hexdigest()
+    meta["shards"][rel] = bytes_digest(data, meta.get("digest", "sha256"))
     (step_dir / "metadata.json").write_text(json.dumps(meta))
 
 
