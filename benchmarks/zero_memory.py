@@ -1,7 +1,7 @@
-"""Per-rank parameter + optimizer-state bytes under DeepSpeed ZeRO 0/1/2/3 at dp = 2, as ratios to plain
-data parallelism (ZeRO-0: every rank holds everything), measured side by side in one run.
+"""Per-rank parameter + optimizer-state bytes under DeepSpeed ZeRO 0/1/2/3, next to the ZeRO paper's figures
+(Table 1) and as ratios to plain data parallelism (ZeRO-0: every rank holds everything), measured side by side.
 
-    python -m benchmarks.zero_memory [--width 512 --depth 4]
+    python -m benchmarks.zero_memory [--width 512 --depth 4] [--dtype fp32|bf16] [--dp 2]
 
 Each layout trains one step of the same VideoAR on 2 gloo ranks; then every tensor a rank keeps between steps
 (its parameter storage and all tensors reachable from the optimizer: moments, ZeRO's flat fp32 partitions and
@@ -54,7 +54,7 @@ def _bytes(tensors) -> int:
     return total
 
 
-def _measure(rank, world, zero, width, depth, out):
+def _measure(rank, world, zero, width, depth, out, dtype="fp32"):
     from models.quantizer import MultiScaleBitwiseQuantizer, QuantizerConfig
     from models.sequence_inputs import sequence_targets, teacher_forcing_features
     from models.videoar import VideoAR, VideoARConfig
@@ -64,13 +64,18 @@ def _measure(rank, world, zero, width, depth, out):
     from common.train_config import VideoARTrainConfig
     from models.objective import BitObjective, MicroBatch
 
+    import parallel.deepspeed_engine as dse
+
+    if dtype == "bf16":  # DeepSpeed's bf16 mode (the cluster presets'), which the trainer enables on CUDA only
+        plain = dse.deepspeed_config
+        dse.deepspeed_config = lambda *a, **k: {**plain(*a, **k), "bf16": {"enabled": True}}
     pcfg = ParallelConfig(zero_stage=zero)
     topo = init_topology(pcfg)
     torch.manual_seed(0)
     model = VideoAR(VideoARConfig(preset="custom", depth=depth, width=width, heads=8, cond="class", num_classes=4), 16)
-    tcfg = VideoARTrainConfig()
+    tcfg = VideoARTrainConfig(precision=dtype)
     device = torch.device("cpu")
-    engine = parallelize(model, model.parallel_plan(), topo, pcfg, tcfg, 10, device, 4, 2)
+    engine = parallelize(model, model.parallel_plan(), topo, pcfg, tcfg, 10, device, 2 * world, 2)
     q = MultiScaleBitwiseQuantizer(16, QuantizerConfig(scales=[1, 2, 4]))
     bits = [torch.rand(2, 2, 16, s, s) > 0.5 for s in (1, 2, 4)]
     layout = model.layout_for(2, q.sizes)
@@ -88,23 +93,43 @@ def _measure(rank, world, zero, width, depth, out):
         Path(out).write_text(json.dumps(result))
 
 
+def theory(zero: int, dtype: str, dp: int, psi: int) -> tuple[float, float]:
+    """(params + optimizer states, gradients) per rank in bytes, the ZeRO paper's Table 1 accounting: mixed
+    precision keeps 2-byte params and grads and K = 12 bytes of optimizer state (fp32 master copy, Adam m and v);
+    fp32 training 4-byte params and grads and K = 8 (m and v). ZeRO-1 partitions the optimizer states, ZeRO-2
+    the gradients too, ZeRO-3 the parameters too."""
+    p, g, k = (2, 2, 12) if dtype == "bf16" else (4, 4, 8)
+    params = p * psi / (dp if zero == 3 else 1)
+    grads = g * psi / (dp if zero >= 2 else 1)
+    opt = k * psi / (dp if zero >= 1 else 1)
+    return params + opt, grads
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: DeepSpeed's bf16 mode, as the cluster presets train (ZeRO-0 stays fp32 here: "
+                             "the torch engine uses autocast, fp32 weights)")
+    parser.add_argument("--dp", type=int, default=2, help="data-parallel ranks (gloo processes)")
     args = parser.parse_args(argv)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for zero in (0, 1, 2, 3):
             out = Path(tmp) / f"zero{zero}.json"
-            run_local(2, _measure, zero, args.width, args.depth, str(out))
+            run_local(args.dp, _measure, zero, args.width, args.depth, str(out), args.dtype if zero else "fp32")
             rows[zero] = json.loads(out.read_text())
-    base = rows[0]["total"]
-    print(f"VideoAR depth {args.depth} width {args.width}: {rows[0]['numel'] / 1e6:.1f}M parameters, fp32 AdamW, dp = 2")
-    print(f"{'layout':<8} {'params MB':>10} {'params+optimizer MB':>20} {'ratio to ZeRO-0':>16}")
+    psi, base = rows[0]["numel"], rows[0]["total"]
+    print(f"VideoAR depth {args.depth} width {args.width}: {psi / 1e6:.1f}M parameters (psi), AdamW, "
+          f"{args.dtype}, dp = {args.dp}; per rank, persistent between steps (gradients are freed after the step)")
+    print(f"{'layout':<8} {'params MB':>10} {'params+optimizer MB':>20} {'theory MB':>10} {'measured/theory':>16} "
+          f"{'ratio to ZeRO-0':>16} {'theory grads MB':>16}")
     for zero, r in rows.items():
-        print(f"ZeRO-{zero:<3} {r['params'] / 2**20:>10.1f} {r['total'] / 2**20:>20.1f} {r['total'] / base:>16.2f}")
+        want, grads = theory(zero, args.dtype if zero else "fp32", args.dp, psi)
+        print(f"ZeRO-{zero:<3} {r['params'] / 2**20:>10.1f} {r['total'] / 2**20:>20.1f} {want / 2**20:>10.1f} "
+              f"{r['total'] / want:>16.2f} {r['total'] / base:>16.2f} {grads / 2**20:>16.1f}")
     return 0
 
 

@@ -18,6 +18,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from models.layout import SequenceLayout
 from models.videoar import VideoAR, VideoARConfig
 from trainer.flops import forward_flops, train_step_flops, videoar_gemm_flops
 
@@ -106,3 +107,24 @@ def test_formula_matches_flop_counter(cond_kind):
     assert sum(ops(back).values()) == 2 * forward_flops(cfg, D, layout, batch) - skipped
     measured_step = sum(ops(counts).values()) + sum(ops(back).values())
     assert measured_step == train_step_flops(cfg, D, layout, batch) - skipped
+
+
+def test_useful_attention_counts_the_pairs_the_mask_lets_through():
+    """Hand count on prefix 2, 2 frames, scales 1x1 and 2x2 (5 tokens a frame, L = 12): the prefix rows see 2
+    keys; frame 0's scale-0 token sees 2 + 1, its 4 scale-1 tokens 2 + 5; frame 1 adds frame 0's 5 tokens:
+    4 + 3 + 28 + 8 + 48 = 91 of 144. With window 1 and 3 frames the third frame sees one history frame. Both
+    equal the boolean mask's count (the mask the dense kernel uses)."""
+    from models.attention_mask import block_causal_mask, frame_visibility
+    from trainer.flops import visible_pairs
+
+    layout = SequenceLayout(2, 2, ((1, 1), (2, 2)))
+    assert visible_pairs(layout) == 2 * 2 + (1 * 3 + 4 * 7) + (1 * 8 + 4 * 12) == 91
+    assert visible_pairs(layout) == int(block_causal_mask(layout).sum())
+    three = SequenceLayout(2, 3, ((1, 1), (2, 2)))
+    windowed = block_causal_mask(three, frame_visibility(1, 3, window=1))[0]
+    assert visible_pairs(three, window=1) == int(windowed.sum()) == 91 + (1 * 8 + 4 * 12) < visible_pairs(three)
+    cfg = tiny_cfg()  # depth 2, width 32
+    dense, useful = (videoar_gemm_flops(cfg, D, layout, attention=a) for a in ("dense", "useful"))
+    assert dense["attn_scores"] == 2 * (2 * 144 * 32) and useful["attn_scores"] == 2 * (2 * 91 * 32)
+    assert {k: v for k, v in dense.items() if not k.startswith("attn_s") and k != "attn_values"} == \
+        {k: v for k, v in useful.items() if not k.startswith("attn_s") and k != "attn_values"}

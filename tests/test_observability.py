@@ -24,7 +24,10 @@ PER_LAYER = (2 * L * 96 * 32  # qkv
              + 3 * (2 * L * 88 * 32))  # SwiGLU gate, up, down
 FORWARD = 2 * PER_LAYER + 2 * VIDEO * 32 * 8 + 2 * VIDEO * 16 * 32  # + input projection + bitwise head
 assert FORWARD == 2_695_424
-STEP_FLOPS = 3 * FORWARD * 4  # forward + backward, global batch 4
+DENSE_STEP_FLOPS = 3 * FORWARD * 4  # forward + backward, global batch 4
+# the mask's visible pairs: prefix 1; frame 0: 1*2 + 4*6 + 16*22 = 378; frame 1: 1*23 + 4*27 + 16*43 = 819
+PAIRS = 1 + 378 + 819
+STEP_FLOPS = DENSE_STEP_FLOPS - 3 * 4 * 2 * (2 * 2 * (L * L - PAIRS) * 32)  # useful: attention over PAIRS
 PEAK = 1e9
 EXPECTED_KEYS = {"loss", "bit_acc", "loss_scale0", "loss_scale2", "loss_frame0", "loss_frame1", "grad_norm", "lr",
                  "flip_ratio", "frame_mask_p", "stage_index", "consumed_samples", "consumed_tokens", "tokens_per_s",
@@ -68,7 +71,8 @@ def test_jsonl_tensorboard_and_prometheus_agree_and_mfu_is_the_hand_count(clips_
 
     for r in records:
         step_time = sum(r[k] for k in PHASES)
-        assert r["model_flops"] == STEP_FLOPS
+        assert r["model_flops"] == STEP_FLOPS == 30_345_216 and r["model_flops_dense"] == DENSE_STEP_FLOPS
+        assert r["mfu_dense"] == pytest.approx(DENSE_STEP_FLOPS / step_time / PEAK, rel=1e-12)
         assert r["step_time_s"] == pytest.approx(step_time, rel=1e-12)
         assert r["mfu"] == pytest.approx(STEP_FLOPS / step_time / PEAK, rel=1e-12)
         assert r["tokens_per_s"] == pytest.approx(4 * VIDEO / step_time, rel=1e-12)

@@ -1,9 +1,12 @@
 """Explicit per-GEMM FLOP count of the VideoAR transformer (Megatron style), for MFU on dashboards (DESIGN §6).
 
-Every GEMM counts 2*m*n*k. Attention is counted dense (L x L): `scaled_dot_product_attention` with a boolean
-block-causal mask computes the full score and value products, masked entries included. Element-wise work
-(norms, RoPE, softmax, SiLU, biases, embeddings) is not counted. Checked against `FlopCounterMode` in
-tests/test_flops.py.
+Every GEMM counts 2*m*n*k. Attention is counted two ways: `dense` (L x L), what `scaled_dot_product_attention`
+with a boolean block-causal mask computes today (masked entries included; checked against `FlopCounterMode` in
+tests/test_flops.py), and `useful`, over the (query, key) pairs the block-causal mask lets through
+(`visible_pairs`, about half of L x L): the MFU numerator, so that MFU does not read high once a block-sparse
+kernel skips the hidden blocks (torchtitan's MFU > 100% came from counting those). The trainer logs both
+(`model_flops` useful, `model_flops_dense`). Element-wise work (norms, RoPE, softmax, SiLU, biases, embeddings)
+is not counted. The Random Frame Mask's random drops are not subtracted (a structural count).
 """
 
 from __future__ import annotations
@@ -15,23 +18,44 @@ from models.videoar import VideoARConfig
 from trainer.step_metrics import clock
 
 
-def videoar_gemm_flops(cfg: VideoARConfig, latent_dim: int, layout: SequenceLayout, batch: int = 1) -> dict[str, int]:
+def visible_pairs(layout: SequenceLayout, window: int = 0) -> int:
+    """(query, key) pairs the block-causal mask allows (models/attention_mask.py): the prefix sees the prefix; a
+    token of (frame t, scale k) sees the prefix, frame t's scales <= k and the history frames (the last `window`
+    ones when window > 0). Computed from the layout, never from an L x L mask."""
+    P, per_frame = layout.prefix_len, layout.tokens_per_frame
+    total, seen_in_frame = P * P, []
+    cum = 0
+    for h, w in layout.sizes:
+        cum += h * w
+        seen_in_frame.append((h * w, cum))
+    for t in range(layout.num_frames):
+        history = min(t, window) if window > 0 else t
+        total += sum(n * (P + cum_k + history * per_frame) for n, cum_k in seen_in_frame)
+    return total
+
+
+def videoar_gemm_flops(cfg: VideoARConfig, latent_dim: int, layout: SequenceLayout, batch: int = 1,
+                       attention: str = "dense", window: int = 0) -> dict[str, int]:
     """Forward FLOPs per named GEMM, summed over layers, for `batch` sequences of `layout`.
 
     L = layout.length (condition prefix included) runs through the transformer blocks; only the
     L - prefix_len video tokens go through `input_proj` and the head. The class condition is an embedding
     lookup (0 FLOPs); the text condition is a (prefix x text_dim) @ (text_dim x width) projection.
+    `attention`: "dense" (L x L score and value products) or "useful" (the mask's visible pairs, `window`).
     """
+    if attention not in ("dense", "useful"):
+        raise ValueError(f"attention must be dense or useful, got {attention!r}")
     L, w, hidden, depth = layout.length, cfg.width, cfg.mlp_hidden, cfg.depth
     video = layout.length - layout.prefix_len
 
     def gemm(m: int, n: int, k: int) -> int:
         return 2 * m * n * k
 
+    pairs = L * L if attention == "dense" else visible_pairs(layout, window)
     per_layer = {
         "qkv": gemm(L, 3 * w, w),
-        "attn_scores": gemm(L, L, w),  # q @ k^T, all heads: heads * (L x head_dim x L)
-        "attn_values": gemm(L, w, L),  # softmax @ v
+        "attn_scores": 2 * pairs * w,  # q @ k^T, all heads: heads * (pairs x head_dim)
+        "attn_values": 2 * pairs * w,  # softmax @ v
         "attn_proj": gemm(L, w, w),
         "mlp_gate": gemm(L, hidden, w),
         "mlp_up": gemm(L, hidden, w),
@@ -44,15 +68,17 @@ def videoar_gemm_flops(cfg: VideoARConfig, latent_dim: int, layout: SequenceLayo
     return {name: batch * f for name, f in flops.items()}
 
 
-def forward_flops(cfg: VideoARConfig, latent_dim: int, layout: SequenceLayout, batch: int = 1) -> int:
-    return sum(videoar_gemm_flops(cfg, latent_dim, layout, batch).values())
+def forward_flops(cfg: VideoARConfig, latent_dim: int, layout: SequenceLayout, batch: int = 1,
+                  attention: str = "dense", window: int = 0) -> int:
+    return sum(videoar_gemm_flops(cfg, latent_dim, layout, batch, attention, window).values())
 
 
-def train_step_flops(cfg: VideoARConfig, latent_dim: int, layout: SequenceLayout, batch: int = 1) -> int:
+def train_step_flops(cfg: VideoARConfig, latent_dim: int, layout: SequenceLayout, batch: int = 1,
+                     attention: str = "dense", window: int = 0) -> int:
     """Forward + backward = 3 x forward (backward: one GEMM for the input gradient and one for the weight
     gradient per forward GEMM). Slightly over the real count: the input features and text states need no
     gradient, so the input-gradient GEMMs of `input_proj` and `cond_proj` never run (tests/test_flops.py)."""
-    return 3 * forward_flops(cfg, latent_dim, layout, batch)
+    return 3 * forward_flops(cfg, latent_dim, layout, batch, attention, window)
 
 
 # dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s per GPU, no sparsity), matched by substring

@@ -30,10 +30,14 @@ def peak_memory_gb(device: torch.device) -> tuple[float, float]:
 
 def throughput(rec: dict, world: int, peak_flops: float) -> dict[str, float]:
     """Tokens/s (global and per device), achieved model FLOP/s and MFU of one step from its (rank-maximal)
-    phase times. `rec` holds the step's `tokens` and `model_flops` for the global batch."""
+    phase times. `rec` holds the step's `tokens` and `model_flops` (useful: attention over the visible pairs)
+    for the global batch, and optionally `model_flops_dense` (L x L attention): `mfu_dense` then."""
     step_time = sum(rec[k] for k in PHASES)
     flops_per_s = rec["model_flops"] / step_time
-    return {"step_time_s": step_time, "tokens_per_s": rec["tokens"] / step_time,
-            "tokens_per_s_per_device": rec["tokens"] / step_time / world, "model_flops_per_s": flops_per_s,
-            "peak_flops_per_device": peak_flops, "mfu": flops_per_s / (world * peak_flops),
-            "data_wait_frac": rec["time/data_s"] / step_time}
+    out = {"step_time_s": step_time, "tokens_per_s": rec["tokens"] / step_time,
+           "tokens_per_s_per_device": rec["tokens"] / step_time / world, "model_flops_per_s": flops_per_s,
+           "peak_flops_per_device": peak_flops, "mfu": flops_per_s / (world * peak_flops),
+           "data_wait_frac": rec["time/data_s"] / step_time}
+    if "model_flops_dense" in rec:
+        out["mfu_dense"] = rec["model_flops_dense"] / step_time / (world * peak_flops)
+    return out

@@ -187,11 +187,17 @@ class VideoARTrainer:
                 "flip_ratio": float(flip) / stage.global_batch, "frame_mask_p": stage.p_mask,
                 "consumed_samples": sum(self.loader.consumed), "consumed_tokens": st.consumed_tokens,
                 "tokens": tokens,
-                "model_flops": sum(train_step_flops(self.cfg.videoar, self.cfg.tokenizer.latent_dim, lay,
-                                                    part.global_batch)
-                                   for (_, part, _), (_, _, lay) in zip(self.parts, prepared)),
+                **self._step_flops(prepared),
                 "time/data_s": t1 - t0, "time/prepare_s": t2 - t1, "time/fwd_bwd_s": t3 - t2,
                 "time/optimizer_s": t4 - t3, "time/checkpoint_s": 0.0}
+
+    def _step_flops(self, prepared: list[tuple]) -> dict[str, int]:
+        """The step's model FLOPs: `model_flops` with attention over the pairs the mask lets through (the MFU
+        numerator), `model_flops_dense` with L x L attention (what the dense-mask kernel computes)."""
+        v, d = self.cfg.videoar, self.cfg.tokenizer.latent_dim
+        return {key: sum(train_step_flops(v, d, lay, part.global_batch, attention, part.window)
+                         for (_, part, _), (_, _, lay) in zip(self.parts, prepared))
+                for key, attention in (("model_flops", "useful"), ("model_flops_dense", "dense"))}
 
     def _breakdown(self, prepared: list[tuple], stats: list) -> dict[str, float]:
         """Per-scale/per-frame losses and bit accuracy of the first part; a joint stage's images get
