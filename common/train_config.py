@@ -30,6 +30,10 @@ class StageConfig:
     image_resolution: list[int] | None = None
     image_scales: list[int] | None = None
     image_scales_w: list[int] | None = None
+    # > 0: the micro-batch is set by tokens instead: the most samples per forward whose sequences (prefix
+    # included) fit this many tokens and that divide every part's per-rank share of the global batch
+    # (`trainer/curriculum.py` resolve_micro_batches); `micro_batch` is then ignored
+    micro_batch_tokens: int = 0
 
     def __post_init__(self) -> None:
         p = f"curriculum[{self.name}]"
@@ -40,7 +44,9 @@ class StageConfig:
               f"must be a non-decreasing list, got {list(self.scales)}")
         if self.scales_w is not None:
             check(len(self.scales_w) == len(self.scales), f"{p}.scales_w", "must have as many entries as scales")
-        check(self.global_batch >= 1 and self.micro_batch >= 1 and self.global_batch % self.micro_batch == 0,
+        check(self.micro_batch_tokens >= 0, f"{p}.micro_batch_tokens", f"must be >= 0, got {self.micro_batch_tokens}")
+        per = self.micro_batch if not self.micro_batch_tokens else 1  # resolved against the token budget later
+        check(self.global_batch >= 1 and self.micro_batch >= 1 and self.global_batch % per == 0,
               f"{p}.global_batch", f"must be a positive multiple of micro_batch ({self.micro_batch}), "
               f"got {self.global_batch}")
         for name in ("flip_start", "flip_end"):
@@ -48,7 +54,7 @@ class StageConfig:
             check(0.0 <= v <= 1.0, f"{p}.{name}", f"must be in [0, 1], got {v}")
         check(0.0 <= self.p_mask < 1.0, f"{p}.p_mask", f"must be in [0, 1), got {self.p_mask}")
         check(self.window >= 0, f"{p}.window", f"must be >= 0, got {self.window}")
-        check(0 <= self.image_batch <= self.global_batch and self.image_batch % self.micro_batch == 0,
+        check(0 <= self.image_batch <= self.global_batch and self.image_batch % per == 0,
               f"{p}.image_batch", f"must be a multiple of micro_batch ({self.micro_batch}) in [0, global_batch="
               f"{self.global_batch}], got {self.image_batch}")
         if self.image_resolution is not None:

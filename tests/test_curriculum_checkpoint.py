@@ -183,3 +183,17 @@ def test_digests_are_xxh3_and_old_sha256_checkpoints_still_verify(tmp_path):
         with pytest.raises(ValueError, match="checksum mismatch"):
             read_checkpoint(d)
         (d / "rank-00000.pt").write_bytes(data)
+
+
+def test_a_token_budget_picks_the_largest_micro_batch_that_fits_and_divides():
+    from trainer.curriculum import resolve_micro_batches
+
+    tokens = {"long": 300, "short": 100, "short-images": 40}
+    of = lambda part: tokens[part.name]  # noqa: E731
+    long = StageConfig(name="long", global_batch=16, micro_batch_tokens=1000)  # 3 fit, 8 per rank: 2 divides
+    short = StageConfig(name="short", global_batch=24, image_batch=12, micro_batch_tokens=450)  # 4 fit, 6 each: 3
+    plain = StageConfig(name="plain", global_batch=8, micro_batch=2)
+    got = resolve_micro_batches([long, short, plain], 2, of)
+    assert [s.micro_batch for s in got] == [2, 3, 2] and got[2] is plain
+    with pytest.raises(ConfigError, match=r"curriculum\[long\]\.micro_batch_tokens=200: one sample already has 300"):
+        resolve_micro_batches([StageConfig(name="long", global_batch=16, micro_batch_tokens=200)], 2, of)

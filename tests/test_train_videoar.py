@@ -196,3 +196,17 @@ def test_ablation_switches_reach_the_model_and_the_objective(clips_dir, tokenize
         first_pair = trainer.model.tensors(layout).angles[:, 0]  # flat: the sequence index; temporal: frame + P
         assert (first_pair.tolist() == list(range(layout.length))) == (name == "off")
     assert len(ratios["on"]) == 2 and all(a > b for a, b in zip(ratios["on"], ratios["off"])), ratios
+
+
+def test_a_token_budget_trains_like_the_micro_batch_it_resolves_to(clips_dir, tokenizer_ckpt, tmp_path):
+    """A stage of 43-token samples (tests/test_observability.py) with micro_batch_tokens=100 runs micro-batches
+    of 2 (3 would need 129 tokens), and trains exactly as micro_batch=2 does."""
+    def stage(extra):
+        return ("curriculum=[{name: s, until_step: 2, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
+                f"global_batch: 4, {extra}, flip_start: 0.2, flip_end: 0.3}}]")
+    budget = VideoARTrainer(make_cfg(clips_dir, tokenizer_ckpt, tmp_path / "a", stage("micro_batch_tokens: 100")),
+                            progress=False)
+    assert budget.curriculum.stages[0].micro_batch == 2
+    fixed = VideoARTrainer(make_cfg(clips_dir, tokenizer_ckpt, tmp_path / "b", stage("micro_batch: 2")),
+                           progress=False)
+    assert budget.train().losses == fixed.train().losses

@@ -11,7 +11,11 @@ A stage that mixes images and clips (`image_batch`) has two data streams, one pe
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Callable
+
 from common.train_config import StageConfig, check_stage_order
+from common.validation import ConfigError
 
 
 class Curriculum:
@@ -69,3 +73,27 @@ class Curriculum:
             raise ValueError(f"curriculum mismatch at step {step}: the checkpoint consumed {list(consumed)} "
                              f"samples per data stream {names}, the current config implies {expected} "
                              f"(were global_batch or until_step changed?)")
+
+
+def resolve_micro_batches(stages: list[StageConfig], dp: int, tokens_of: Callable[[StageConfig], int]
+                          ) -> list[StageConfig]:
+    """Stages with `micro_batch_tokens` > 0 get the largest micro-batch whose samples fit the budget (the
+    longest part's sequence, `tokens_of(part)`, counts) and that divides every part's per-rank share, so the
+    global batch stays a whole number of micro-batches on every data-parallel rank."""
+    out = []
+    for s in stages:
+        if not s.micro_batch_tokens:
+            out.append(s)
+            continue
+        longest = max(tokens_of(part) for part in s.parts())
+        shares = [part.global_batch // dp for part in s.parts()]
+        if any(part.global_batch % dp for part in s.parts()) or min(shares) < 1:
+            raise ConfigError(f"curriculum[{s.name}]: each part of global_batch={s.global_batch} must divide over "
+                              f"{dp} data-parallel ranks")
+        fits = [m for m in range(1, min(shares) + 1)
+                if all(n % m == 0 for n in shares) and m * longest <= s.micro_batch_tokens]
+        if not fits:
+            raise ConfigError(f"curriculum[{s.name}].micro_batch_tokens={s.micro_batch_tokens}: one sample already has "
+                              f"{longest} tokens; raise the budget or shorten the stage's clips")
+        out.append(replace(s, micro_batch=fits[-1]))
+    return out

@@ -32,7 +32,7 @@ from parallel.collectives import all_reduce_packed, broadcast_object, data_paral
 from parallel.parallelize import parallelize
 from parallel.topology import describe_failure, destroy_topology, init_topology, rank_device
 from trainer.checkpointing import CheckpointManager, CheckpointWriteError, RNGState, TrainState, check_shared_run_dir
-from trainer.curriculum import Curriculum
+from trainer.curriculum import Curriculum, resolve_micro_batches
 from trainer.evaluate import HeldOutEvaluator
 from trainer.flops import measure_peak_flops, train_step_flops
 from trainer.preemption import EXIT_PREEMPTED, PreemptionFlag
@@ -74,6 +74,9 @@ class VideoARTrainer:
         self.model = VideoAR(cfg.videoar, cfg.tokenizer.latent_dim)
         self.model.checkpoint_blocks = cfg.parallel.activation_checkpointing
         self.plan = self.model.parallel_plan()
+        stages = resolve_micro_batches(cfg.curriculum, self.topo.dp, lambda part: self.model.layout_for(
+            self.tokenizer.latent_frames(part.frames), part.sizes).length)
+        self.cfg = cfg = dataclasses.replace(cfg, curriculum=stages)  # micro-batches set by token budgets
         self.curriculum = Curriculum(cfg.curriculum)
         for s in self.curriculum.stages:
             for part in s.parts():  # every part (clips, images) of a step splits evenly over the ranks
