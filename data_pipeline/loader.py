@@ -3,8 +3,8 @@
 The sample order is `data_pipeline.order`: a seeded permutation per epoch over the manifest's samples, the
 global batch of a step a fixed slice of it, each data-parallel rank its strided part. The loader's state is
 the number of samples consumed, so a run resumes exactly even when the number of ranks changes. Each rank
-fetches only its own samples, one ranged read per sample (the manifest stores every sample's byte range), with
-a pool of threads and the next batch prefetched.
+fetches only its own samples, one ranged read per sample (its byte range from the shard's index file, read once
+per shard: `data_pipeline/shard_index.py`), with a pool of threads and the next batch prefetched.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ import torch
 from data_pipeline.object_store import open_store
 from data_pipeline.order import global_batch, rank_slice
 from data_pipeline.preprocess import FORMAT, FORMAT_VERSION, MANIFEST
+from data_pipeline.shard_index import BucketIndex
 from data_pipeline.shards import decode_members
+
+READABLE_VERSIONS = (1, 2)  # 1: byte ranges inline in the manifest
 
 
 class ShardSet:
@@ -33,14 +36,14 @@ class ShardSet:
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.store.join(MANIFEST)}: no manifest; run `python -m data_pipeline."
                                     f"preprocess` first (the manifest is written last, when shards are complete)") from None
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{self.store.join(MANIFEST)}: expected {FORMAT} v{FORMAT_VERSION}")
+        if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
+            raise ValueError(f"{self.store.join(MANIFEST)}: expected {FORMAT} v{FORMAT_VERSION} (or v1), found "
+                             f"{manifest.get('format')} v{manifest.get('format_version')}")
         if bucket not in manifest["buckets"]:
             raise ValueError(f"{self.store.join(MANIFEST)}: no bucket {bucket}; it has {sorted(manifest['buckets'])}")
         self.manifest, self.bucket = manifest, bucket
-        self.index = [(s["name"], start, end, key) for s in manifest["buckets"][bucket]["shards"]
-                      for key, start, end in s["offsets"]]
-        if not self.index:
+        self.index = BucketIndex(self.store, manifest["buckets"][bucket]["shards"])  # byte ranges read lazily
+        if not len(self.index):
             raise ValueError(f"{self.store.join(MANIFEST)}: bucket {bucket} has no samples")
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-loader")
         self._prefetched: dict[int, Future] = {}
@@ -50,10 +53,10 @@ class ShardSet:
         return len(self.index)
 
     def key(self, i: int) -> str:
-        return self.index[i][3]
+        return self.index.locate(i)[3]
 
     def fetch(self, i: int) -> dict:
-        name, start, end, key = self.index[i]
+        name, start, end, key = self.index.locate(i)
         data = self.store.read(name, start, end)
         self.bytes_read += len(data)
         sample = decode_members(data)

@@ -36,6 +36,7 @@ from data_pipeline.clips import IMAGE_EXTS, SIDECAR_EXTS, VIDEO_EXTS, folder_cla
 from data_pipeline.object_store import Store, open_store
 from data_pipeline.preprocess_report import Meter, Summary
 from data_pipeline.ray_runtime import start_ray
+from data_pipeline.shard_index import write_index
 from data_pipeline.shards import ShardRecord, sample_dict, write_tar_shard
 from data_pipeline.tokenizer_ckpt import WEIGHTS, load_tokenizer
 from data_pipeline.video_io import VideoDecodeError, probe_video, read_video
@@ -43,7 +44,7 @@ from models.text_encoder import TextEncoder
 
 log = logging.getLogger("preprocess")
 MANIFEST, QUARANTINE, PROGRESS = "manifest.json", "quarantine.json", "_progress"
-FORMAT, FORMAT_VERSION = "videoar-shards", 1
+FORMAT, FORMAT_VERSION = "videoar-shards", 2  # 2: byte ranges in per-shard index files
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -334,7 +335,8 @@ def _write_manifest(out: Store, buckets: list[Bucket], tok_hash: str, summary: S
             # manifest keeps the first copy only, so the loader never sees a duplicate
             offsets = [o for o in r["offsets"] if o[0] not in seen]
             seen.update(o[0] for o in offsets)
-            recs.append(ShardRecord(r["name"], len(offsets), r["bytes"], r["sha256"], offsets).to_dict())
+            recs.append(write_index(out, ShardRecord(r["name"], len(offsets), r["bytes"], r["sha256"],
+                                                     offsets).to_dict()))
         manifest["buckets"][b.name] = {"height": b.height, "width": b.width, "frames": b.frames,
                                        "samples": sum(r["samples"] for r in recs), "shards": recs}
     summary.total_samples = sum(bk["samples"] for bk in manifest["buckets"].values())

@@ -3,6 +3,7 @@ downloaded)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -101,3 +102,8 @@ def s3_endpoint():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def shard_offsets(store, shard: dict) -> list:
+    """[key, start, end) of every sample of a manifest's shard entry: from its index file (manifest v2)."""
+    return json.loads(store.read(shard["index"]))["offsets"] if "index" in shard else shard["offsets"]

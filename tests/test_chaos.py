@@ -18,10 +18,12 @@ from collections import Counter
 import psutil
 import pytest
 
+from data_pipeline.object_store import open_store
+
 from data_pipeline.preprocess import MANIFEST, preprocess
 from data_pipeline.synth import generate_clips
 from parallel.launch import free_port
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, shard_offsets
 from common.config import save_config
 from common.metrics import read_jsonl
 
@@ -71,7 +73,8 @@ def test_kill_9_of_one_rank_then_relaunch_equals_an_uninterrupted_run(tokenizer_
     summary = preprocess(cfg, progress=False)
     assert summary.clips == SAMPLES
     manifest = json.loads((tmp_path / "shards" / MANIFEST).read_text())
-    all_keys = {key for s in manifest["buckets"]["32x32x5"]["shards"] for key, _, _ in s["offsets"]}
+    store = open_store(tmp_path / "shards")
+    all_keys = {key for s in manifest["buckets"]["32x32x5"]["shards"] for key, _, _ in shard_offsets(store, s)}
     assert len(all_keys) == SAMPLES
 
     launch(configs["reference"])

@@ -17,7 +17,7 @@ from data_pipeline.loader import ShardSet, rank_samples
 from data_pipeline.object_store import open_store
 from data_pipeline.preprocess import input_id, preprocess
 from data_pipeline.video_io import read_video, write_video
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, shard_offsets
 from data_pipeline.tokenizer_ckpt import load_tokenizer
 from trainer.train_videoar import VideoARTrainer
 
@@ -87,7 +87,7 @@ def test_every_good_clip_once_and_every_bad_file_quarantined(s3_shards, s3_endpo
     out = open_store("s3://shards/out", s3_endpoint)
     manifest = json.loads(out.read("manifest.json"))
     bucket = manifest["buckets"]["32x32x5"]
-    keys = [o[0] for s in bucket["shards"] for o in s["offsets"]]
+    keys = [o[0] for s in bucket["shards"] for o in shard_offsets(out, s)]
     src_sizes = dict(open_store("s3://videos/in", s3_endpoint).list())
     expected = {f"{input_id(p.name, src_sizes[p.name])}_{start:06d}" for p in good for start in (0, 5)}
     assert sorted(keys) == sorted(expected) and len(keys) == len(set(keys)) == bucket["samples"] == 2 * GOOD
@@ -138,7 +138,7 @@ def test_plain_webdataset_reads_the_shards(s3_shards, s3_endpoint, tmp_path):
     local = tmp_path / "shard.tar"
     local.write_bytes(out.read(shard["name"]))
     samples = list(wds.WebDataset(str(local), shardshuffle=False).decode())
-    assert [s["__key__"] for s in samples] == [o[0] for o in shard["offsets"]]
+    assert [s["__key__"] for s in samples] == [o[0] for o in shard_offsets(out, shard)]
     assert samples[0]["latent.npy"].dtype == np.float16 and samples[0]["latent.npy"].ndim == 4
 
 
@@ -227,7 +227,8 @@ def test_interrupted_run_resumes_without_duplicates(s3_shards, s3_endpoint):
     out.delete("manifest.json")
     again = preprocess(cfg, progress=False)
     assert again.clips == 2 and again.shards >= 1
-    keys = [o[0] for s in json.loads(out.read("manifest.json"))["buckets"]["32x32x5"]["shards"] for o in s["offsets"]]
+    keys = [o[0] for s in json.loads(out.read("manifest.json"))["buckets"]["32x32x5"]["shards"]
+            for o in shard_offsets(out, s)]
     assert len(keys) == len(set(keys)) == 2 * GOOD
 
 
@@ -241,3 +242,39 @@ def test_a_quarantined_input_replaced_by_a_good_one_leaves_the_quarantine_report
     assert again.clips == 2 and again.quarantined == 0
     reported = {q["input"].rsplit("/", 1)[1] for q in json.loads(out.read("quarantine.json"))}
     assert "text.mp4" not in reported and "empty.mp4" in reported
+
+
+def test_shard_indexes_are_read_lazily_and_v1_manifests_still_load(s3_shards, s3_endpoint, tmp_path):
+    """Start-up reads the manifest only (per-shard counts); the first sample of a shard reads that shard's index
+    once; a v1 manifest (byte ranges inline, before 2026-12-03) gives the same samples; a missing index is named."""
+    import shutil
+
+    out = open_store("s3://shards/out", s3_endpoint)
+    ds = ShardSet("s3://shards/out", "32x32x5", s3_endpoint)
+    assert ds.index.index_reads == 0 and len(ds) == 2 * GOOD and ds.manifest["format_version"] == 2
+    first = ds.index.locate(0)
+    assert ds.index.index_reads == 1 and ds.index.locate(1)[0] == first[0] and ds.index.index_reads == 1
+    keys = [ds.key(i) for i in range(len(ds))]
+    assert ds.index.index_reads == len(ds.manifest["buckets"]["32x32x5"]["shards"])
+    local = tmp_path / "local"
+    for key, _ in out.list():
+        (local / key).parent.mkdir(parents=True, exist_ok=True)
+        (local / key).write_bytes(out.read(key))
+    v1 = json.loads((local / "manifest.json").read_text())
+    v1["format_version"] = 1
+    for s in v1["buckets"]["32x32x5"]["shards"]:
+        s["offsets"] = shard_offsets(out, s)
+        del s["index"]
+    old = tmp_path / "v1"
+    shutil.copytree(local, old)
+    (old / "manifest.json").write_text(json.dumps(v1))
+    for index in old.rglob("*.index.json"):
+        index.unlink()
+    legacy = ShardSet(str(old), "32x32x5")
+    assert [legacy.key(i) for i in range(len(legacy))] == keys
+    assert torch.equal(legacy.batch([0, 3])[0], ds.batch([0, 3])[0]) and legacy.index.index_reads == 0
+    missing = sorted(local.rglob("*.index.json"))[0]
+    missing.unlink()
+    broken = ShardSet(str(local), "32x32x5")
+    with pytest.raises(FileNotFoundError, match=r"index.json: the shard index the manifest names is missing"):
+        [broken.key(i) for i in range(len(broken))]

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from data_pipeline.object_store import open_store
+
 from parallel.checkpoint_format import committed_steps
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, shard_offsets
 
 STAGE = ("curriculum=[{name: s, until_step: 6, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
          "global_batch: 2, micro_batch: 1, flip_start: 0.1, flip_end: 0.2}]")
@@ -99,6 +101,7 @@ def test_preprocessing_onto_a_full_disk_fails_clearly_and_a_rerun_completes_exac
         resize(64 << 20)
         preprocess(cfg(out), progress=False)
         got = json.loads((out / "manifest.json").read_text())["buckets"]["32x32x5"]
-        keys = [k for s in got["shards"] for k, _, _ in s["offsets"]]
+        keys = [k for s in got["shards"] for k, _, _ in shard_offsets(open_store(out), s)]
         assert got["samples"] == want["samples"] == len(keys) == len(set(keys))
-        assert sorted(keys) == sorted(k for s in want["shards"] for k, _, _ in s["offsets"])
+        assert sorted(keys) == sorted(k for s in want["shards"]
+                                     for k, _, _ in shard_offsets(open_store(tmp_path / "roomy"), s))
