@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         during.append((time.perf_counter() - t1) / max(steps, 1))
         saver.wait()
     async_s = min(stalls)
-    shutil.rmtree(args.dir)
+    shutil.rmtree(args.dir, ignore_errors=True)  # the commit empties its trash in a background thread
 
     params = sum(t.numel() for t in state()["model"].values())
     print(f"VideoAR depth {args.depth} width {args.width}: {params / 1e6:.1f}M parameters + AdamW state: "
