@@ -12,6 +12,7 @@ learned SOS embedding on frame 0's first scale. `forward` runs a whole sequence;
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -149,9 +150,9 @@ def layout_mask(layout: SequenceLayout, device: torch.device = torch.device("cpu
 
 
 class VideoAR(nn.Module):
-    def __init__(self, cfg: VideoARConfig, latent_dim: int):
+    def __init__(self, cfg: VideoARConfig, latent_dim: int, init_seed: int = 0):
         super().__init__()
-        self.cfg, self.latent_dim = cfg, latent_dim
+        self.cfg, self.latent_dim, self.init_seed = cfg, latent_dim, init_seed
         w = cfg.width
         if cfg.cond == "text":
             self.cond_proj = nn.Linear(cfg.text_dim, w)
@@ -167,18 +168,29 @@ class VideoAR(nn.Module):
         self.checkpoint_blocks = False  # activation checkpointing (parallel.activation_checkpointing)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        std = self.cfg.init_std
+    def reset_parameters(self, names: set[str] | None = None) -> None:
+        """Initialize every parameter (or those in `names`) from its own generator, seeded by (init_seed, name):
+        a parameter's value does not depend on which others exist, so a pipeline rank that built only its stage
+        (the rest on the meta device) initializes exactly what the single-process model holds. Meta parameters
+        are skipped. Normal(init_std) for matrices, embeddings and the start token; residual output projections
+        scaled by 1/sqrt(2 depth) (GPT-2 / Megatron); biases 0; norm weights 1; the head 0 (p = 1/2 per bit)."""
+        std, depth = self.cfg.init_std, self.cfg.depth
+        residual = {f"blocks.{i}.{m}.weight" for i in range(depth) for m in ("attn.proj", "mlp.down")}
         for name, p in self.named_parameters():
-            if p.dim() >= 2 or name in ("sos_embed",):
-                nn.init.normal_(p, std=std)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-        for blk in self.blocks:  # residual branches scaled by depth (GPT-2 / Megatron)
-            for lin in (blk.attn.proj, blk.mlp.down):
-                nn.init.normal_(lin.weight, std=std / math.sqrt(2 * self.cfg.depth))
-        nn.init.zeros_(self.head.weight)  # start at p = 1/2 per bit: loss ln 2
-        nn.init.zeros_(self.head.bias)
+            if p.is_meta or (names is not None and name not in names):
+                continue
+            g = torch.Generator().manual_seed((self.init_seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            value = torch.empty(p.shape, dtype=torch.float32)
+            if name.startswith("head.") or name.endswith("bias"):
+                value.zero_()
+            elif name in residual:
+                value.normal_(0.0, std / math.sqrt(2 * depth), generator=g)
+            elif p.dim() >= 2 or name == "sos_embed":
+                value.normal_(0.0, std, generator=g)
+            else:
+                value.fill_(1.0)
+            with torch.no_grad():
+                p.copy_(value)
 
     # -- pieces ------------------------------------------------------------------------------------------------
     def layout_for(self, num_frames: int, sizes: list[tuple[int, int]] | tuple) -> SequenceLayout:
@@ -188,7 +200,13 @@ class VideoAR(nn.Module):
 
     def tensors(self, layout: SequenceLayout) -> LayoutTensors:
         return layout_tensors(layout, self.cfg.head_dim, self.cfg.rope_base, self.cfg.rope_stretch, self.cfg.rope,
-                              next(self.parameters()).device)
+                              self.device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's parameters live (a pipeline rank's other stages stay on the meta device)."""
+        first = next(self.parameters())
+        return next((p.device for p in self.parameters() if not p.is_meta), first.device)
 
     def prefix(self, cond: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Condition prefix (B, P, width) from text states (B, P, text_dim) or class ids (B,); samples with

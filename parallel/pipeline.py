@@ -64,3 +64,38 @@ def make_schedule(stage_module: PipelineStageModule, pp_group, device: torch.dev
     cls = Schedule1F1B if kind == "1f1b" else ScheduleGPipe
     # the loss function divides by the step's micro-batch count itself (several shapes can share one step)
     return cls(stage, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+def stage_parameter_names(model: nn.Module, plan: ParallelPlan, blocks_per_stage: list[int], stage: int) -> set[str]:
+    """The (dense) names of the parameters pipeline stage `stage` owns: its blocks, plus the plan's first-stage
+    modules on the first stage and last-stage modules on the last (what `PipelineStageModule` keeps)."""
+    blocks = getattr(model, plan.blocks)
+    names = {f"{plan.blocks}.{i}.{n}" for i in stage_block_range(blocks_per_stage, stage)
+             for n, _ in blocks[i].named_parameters()}
+    extra = (plan.first_stage if stage == 0 else ()) + (plan.last_stage if stage == len(blocks_per_stage) - 1 else ())
+    for attr in (a for a in extra if hasattr(model, a)):
+        obj = getattr(model, attr)
+        names |= {attr} if isinstance(obj, nn.Parameter) else {f"{attr}.{n}" for n, _ in obj.named_parameters()}
+    return names
+
+
+def materialize_stage(model: nn.Module, plan: ParallelPlan, blocks_per_stage: list[int], stage: int,
+                      device: torch.device) -> set[str]:
+    """A model built on the meta device becomes this pipeline stage's part: the other stages' blocks are dropped,
+    the stage's parameters allocated on `device` and initialized by `model.reset_parameters(names)` (values that
+    do not depend on which parameters exist); the other stages' first/last modules stay on meta, unused. Peak
+    memory at start-up is this stage's parameters, not the whole model's. Returns the stage's names."""
+    names = stage_parameter_names(model, plan, blocks_per_stage, stage)
+    blocks = getattr(model, plan.blocks)
+    keep = stage_block_range(blocks_per_stage, stage)
+    for i in range(len(blocks)):
+        if i not in keep:
+            blocks[i] = nn.Identity()
+    for name in sorted(names):
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        meta = getattr(owner, attr)
+        setattr(owner, attr, nn.Parameter(torch.empty(meta.shape, dtype=meta.dtype, device=device),
+                                          requires_grad=meta.requires_grad))
+    model.reset_parameters(names)
+    return names

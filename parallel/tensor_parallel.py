@@ -65,6 +65,8 @@ def apply_tensor_parallel(model: nn.Module, plan: ParallelPlan, tp: int) -> nn.M
     mp_config = model_parallel_config(tp)
     kinds = {**{n: "column" for n in plan.column_parallel}, **{n: "row" for n in plan.row_parallel}}
     for block in getattr(model, plan.blocks):
+        if isinstance(block, nn.Identity):  # another pipeline stage's block (dropped on this rank)
+            continue
         for name, kind in kinds.items():
             owner_name, attr = name.rsplit(".", 1)
             owner = block.get_submodule(owner_name)

@@ -188,3 +188,35 @@ def test_reshard_and_consolidate(clips_dir, tokenizer_ckpt, tmp_path, reference)
     tp_bits = torch.load(tmp_path / "tp_bits.pt", weights_only=True)["bits"]
     assert all(torch.equal(a, b) for a, b in zip(bits, tp_bits))
     assert 0.05 < torch.cat([b.flatten() for b in bits]).float().mean() < 0.95  # not a trivial all-0/1 sample
+
+
+def _startup_bytes(rank, world, clips_dir, tokenizer_ckpt, run_dir, out):
+    from trainer.train_videoar import VideoARTrainer
+
+    trainer = VideoARTrainer(cfg_for(clips_dir, tokenizer_ckpt, run_dir, 1, 2, 0), progress=False)
+    real = {n: p.numel() * p.element_size() for n, p in trainer.model.named_parameters() if not p.is_meta}
+    stage = {n: p.numel() * p.element_size() for n, p in trainer.engine.module.named_parameters()}
+    torch.save({"real": real, "stage": stage, "pp_rank": trainer.topo.pp_rank,
+                "values": {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()}},
+               f"{out}/startup{rank}.pt")
+
+
+@pytest.mark.slow
+def test_pipeline_ranks_build_only_their_stage(clips_dir, tokenizer_ckpt, tmp_path):
+    """pp = 2: each rank allocates only its stage's parameters (the rest of the model stays on the meta device):
+    bytes counted per rank equal its stage's, the two ranks' sets are disjoint and together the whole model,
+    and the values equal a single-process model's (per-parameter seeded initialization)."""
+    from trainer.train_videoar import VideoARTrainer
+
+    run_ranks(2, _startup_bytes, clips_dir, tokenizer_ckpt, tmp_path / "run", tmp_path)
+    ranks = sorted((torch.load(tmp_path / f"startup{r}.pt", weights_only=True) for r in range(2)),
+                   key=lambda r: r["pp_rank"])
+    single = VideoARTrainer(cfg_for(clips_dir, tokenizer_ckpt, tmp_path / "single"), progress=False).model
+    full = {n: p.numel() * p.element_size() for n, p in single.named_parameters()}
+    for r in ranks:
+        assert r["real"] == r["stage"] and 0 < sum(r["real"].values()) < sum(full.values())
+        for name, value in r["values"].items():
+            assert torch.equal(value, single.get_parameter(name).detach()), name
+    assert not set(ranks[0]["real"]) & set(ranks[1]["real"])
+    assert {**ranks[0]["real"], **ranks[1]["real"]} == full
+    assert "class_embed.weight" in ranks[0]["real"] and "head.weight" in ranks[1]["real"]

@@ -13,6 +13,7 @@ RUN_DIR` summarises a running or finished run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -69,9 +70,12 @@ class VideoARTrainer:
         self.progress = progress and self.topo.rank == 0
         self.device = rank_device(cfg.run.device)
         check_shared_run_dir(cfg.run_dir, self.topo.rank, self.topo.world)
-        torch.manual_seed(cfg.run.seed)  # every rank builds the same full model, then keeps its part
+        torch.manual_seed(cfg.run.seed)
         self.tokenizer = load_frozen_tokenizer(cfg, self.device)
-        self.model = VideoAR(cfg.videoar, cfg.tokenizer.latent_dim)
+        # pipeline ranks build the model on the meta device and materialize only their stage (parallelize); the
+        # initial values come from per-parameter seeds, so every layout starts from the single-process weights
+        with torch.device("meta") if self.topo.pp > 1 else contextlib.nullcontext():
+            self.model = VideoAR(cfg.videoar, cfg.tokenizer.latent_dim, init_seed=cfg.run.seed)
         self.model.checkpoint_blocks = cfg.parallel.activation_checkpointing
         self.plan = self.model.parallel_plan()
         stages = resolve_micro_batches(cfg.curriculum, self.topo.dp, lambda part: self.model.layout_for(
