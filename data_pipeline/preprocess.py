@@ -157,6 +157,12 @@ class Encoder:
         text = self.text.encode([caption])[0].half().numpy() if self.text is not None else None
         return latents, text
 
+    def node(self) -> str:
+        """The address of the node this actor runs on (reported in the summary)."""
+        import ray
+
+        return ray.util.get_node_ip_address()
+
 
 # -- the driver ----------------------------------------------------------------------------------------------
 @dataclass
@@ -235,9 +241,11 @@ def _run(cfg, ray, src, out, todo, buckets, writers, tok_hash, summary, endpoint
     started_here = start_ray(ray, p, PROJECT_ROOT)
     meter.started()
     decode = ray.remote(decode_input)
-    actor_cls = ray.remote(num_cpus=1)(Encoder)
+    # SPREAD: on a cluster the encoders go to different nodes (each holds a tokenizer and reads its own inputs)
+    actor_cls = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(Encoder)
     actors = [actor_cls.remote(cfg.videoar_train.tokenizer_ckpt, v.cond, v.text_encoder, v.text_len, 1)
               for _ in range(p.workers)]
+    summary.encoder_nodes = sorted(set(ray.get([a.node.remote() for a in actors])))
     try:
         pending_decode = {decode.options(num_cpus=0.5).remote(src.url, endpoint, k, s, buckets, p.stride,
                                                              p.max_clips_per_video): (k, s) for k, s in todo}
@@ -359,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"inputs {s.inputs} ({s.skipped} already committed), clips written {s.clips}, quarantined "
           f"{s.quarantined}, shards {s.shards} ({s.bytes / 2**20:.1f} MB), {rate:.1f} clips/s; "
           f"{s.total_samples} samples in {cfg.preprocess.output}/{MANIFEST}")
+    if s.encoder_nodes:
+        print(f"encoders on {len(s.encoder_nodes)} node(s): {', '.join(s.encoder_nodes)}")
     for q in s.quarantine:
         print(f"  quarantined {q['input']}: {q['reason']}")
     if s.not_videos:

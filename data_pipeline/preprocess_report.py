@@ -24,6 +24,7 @@ class Summary:
     total_samples: int = 0
     quarantine: list = field(default_factory=list)
     not_videos: list = field(default_factory=list)  # input files skipped for their extension (sidecars aside)
+    encoder_nodes: list = field(default_factory=list)  # addresses of the nodes the encoder actors ran on
 
 
 class Meter:

@@ -18,14 +18,20 @@ from trainer.train_videoar import VideoARTrainer
 
 def _train_loop(config: dict) -> None:
     cfg = config_from_dict(config["cfg"])
-    run = VideoARTrainer(cfg, progress=False).train()
-    print(f"ray train worker done: step {run.step}, resumed from {run.start_step}", flush=True)
+    import ray
+
+    trainer = VideoARTrainer(cfg, progress=False)
+    run = trainer.train()
+    print(f"ray train worker done: rank {trainer.topo.rank} on node {ray.util.get_node_ip_address()}, step "
+          f"{run.step}, resumed from {run.start_step}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = config_arg_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers = training ranks")
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before giving up")
+    parser.add_argument("--placement", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), default="PACK",
+                        help="Ray placement of the workers (STRICT_SPREAD: one per node)")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, parser)
     import ray
@@ -36,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer = TorchTrainer(
         _train_loop, train_loop_config={"cfg": config_to_dict(cfg)},
         torch_config=TorchConfig(backend="nccl" if cfg.run.device == "cuda" else "gloo"),
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=cfg.run.device == "cuda"),
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=cfg.run.device == "cuda",
+                                     placement_strategy=args.placement),
         run_config=RunConfig(name="videoar", storage_path=str(cfg.run_dir.resolve() / "ray"),
                              failure_config=FailureConfig(max_failures=args.max_failures)))
     trainer.fit()
