@@ -4,8 +4,11 @@
 #
 #   bash jobs/netns_cluster.sh start DIR [N]   # creates node1..nodeN; prints "NAME NETNS IP" per node
 #   bash jobs/netns_cluster.sh stop DIR        # removes exactly what `start` made for DIR
+#   bash jobs/netns_cluster.sh exec DIR NAME cmd ...   # run cmd on node NAME (e.g. node2)
 #
-# Run a node's programs with `ip netns exec NETNS cmd ...`. Each node has loopback plus one address on the
+# `exec` enters the node's network namespace and a private copy of the host's mounts with the node's hosts file
+# over /etc/hosts (unlike `ip netns exec`, /sys stays the host's: slurmd needs its cgroups). `ip netns exec NETNS`
+# works too for programs that need no /sys. Each node has loopback plus one address on the
 # bridge; the bridge itself has no address, so nothing in the host namespace can reach the nodes and nothing the
 # nodes send leaves the machine. Node names resolve inside the nodes through /etc/netns/NETNS/hosts (which
 # `ip netns exec` mounts over /etc/hosts). Names are derived from DIR, so two clusters never collide.
@@ -28,7 +31,15 @@ stop() {
 }
 
 if [ "$cmd" = stop ]; then stop; exit 0; fi
-[ "$cmd" = start ] || { echo "usage: $0 start|stop DIR [N]" >&2; exit 2; }
+if [ "$cmd" = exec ]; then
+    node=${3:?node name}
+    shift 3
+    ns=$(awk -v n="$node" '$1 == n {print $2}' "$dir/nodes")
+    [ -n "$ns" ] || { echo "$0: no node $node in $dir/nodes" >&2; exit 2; }
+    exec nsenter --net="/run/netns/$ns" unshare --mount --propagation private \
+        sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "/etc/netns/$ns/hosts" "$@"
+fi
+[ "$cmd" = start ] || { echo "usage: $0 start|stop DIR [N] | exec DIR NODE cmd ..." >&2; exit 2; }
 n=${3:-2}
 stop  # a previous cluster of the same directory
 ip link add "$bridge" type bridge

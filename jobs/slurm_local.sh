@@ -1,29 +1,35 @@
 #!/bin/bash
-# A real single-node SLURM cluster for tests and laptops (Debian: slurmctld slurmd slurm-client munge).
+# A real SLURM cluster on this machine for tests and laptops (Debian: slurmctld slurmd slurm-client munge).
 #
-#   bash jobs/slurm_local.sh start DIR     # installs (idempotent, needs root + apt), starts munged/slurmctld/slurmd
-#   bash jobs/slurm_local.sh stop DIR      # stops exactly the daemons it started (by PID)
+#   bash jobs/slurm_local.sh start DIR [N]  # installs (idempotent, needs root + apt), starts munged/slurmctld/slurmd
+#   bash jobs/slurm_local.sh stop DIR       # stops exactly the daemons it started (by PID)
 #
-# Everything lives under DIR (config, state, spool, logs, pid files). Clients find the cluster through
-# SLURM_CONF=DIR/slurm.conf, which `start` prints as its last line.
+# N = 1 (default): one node, `localhost`. N > 1: N emulated nodes node1..nodeN (jobs/netns_cluster.sh: network
+# namespaces on a private bridge), one slurmd per node inside its namespace and slurmctld in node1's. The clients
+# (sbatch, squeue, scontrol, scancel, sinfo, srun, sacct) must then run inside a node: `start` writes wrappers
+# that do so into DIR/bin and prints `PATH=DIR/bin:$PATH`. Everything lives under DIR (config, state, spool, logs,
+# pid files). Clients find the cluster through SLURM_CONF=DIR/slurm.conf, which `start` prints as its last line.
 set -euo pipefail
 cmd=${1:?start|stop}
 dir=$(mkdir -p "${2:?state directory}" && cd "$2" && pwd)
+here=$(cd "$(dirname "$0")" && pwd)
 
 stop() {
-    for name in slurmd slurmctld munged; do
-        if [ -f "$dir/$name.pid" ]; then
-            pid=$(cat "$dir/$name.pid")
+    for pidfile in "$dir"/slurmd*.pid "$dir/slurmctld.pid" "$dir/munged.pid"; do
+        if [ -f "$pidfile" ]; then
+            pid=$(cat "$pidfile")
             kill "$pid" 2>/dev/null || true
             for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            rm -f "$dir/$name.pid"
+            rm -f "$pidfile"
         fi
     done
     if [ -f "$dir/munge_dir" ]; then rm -rf "$(cat "$dir/munge_dir")" "$dir/munge_dir"; fi
+    if [ -d "$dir/netns" ]; then bash "$here/netns_cluster.sh" stop "$dir/netns"; rm -rf "$dir/netns"; fi
 }
 
 if [ "$cmd" = stop ]; then stop; exit 0; fi
-[ "$cmd" = start ] || { echo "usage: $0 start|stop DIR" >&2; exit 2; }
+[ "$cmd" = start ] || { echo "usage: $0 start|stop DIR [N]" >&2; exit 2; }
+nodes=${3:-1}
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v sbatch >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null
@@ -41,14 +47,25 @@ runuser -u munge -- /usr/sbin/munged --socket="$munge_dir/munge.socket" --pid-fi
 cp "$munge_dir/munged.pid" "$dir/munged.pid"
 
 cpus=$(nproc)
+if [ "$nodes" -gt 1 ]; then
+    bash "$here/netns_cluster.sh" start "$dir/netns" "$nodes" > "$dir/nodes"  # lines: NAME NETNS IP
+    # slurmctld checks its own hostname (the machine's: the nodes share it), reached at node1's address
+    controller="$(hostname -s)($(awk 'NR == 1 {print $3}' "$dir/nodes"))"
+    node_lines=$(awk -v c="$cpus" '{print "NodeName=" $1 " NodeAddr=" $3 " CPUs=" c " State=UNKNOWN"}' "$dir/nodes")
+    node_names=$(awk '{printf "%s%s", sep, $1; sep = ","}' "$dir/nodes")
+else
+    controller=localhost
+    node_lines="NodeName=localhost CPUs=$cpus State=UNKNOWN"
+    node_names=localhost
+fi
 cat > "$dir/slurm.conf" <<EOF
 ClusterName=videoar-local
-SlurmctldHost=localhost
+SlurmctldHost=$controller
 SlurmUser=root
 AuthType=auth/munge
 AuthInfo=socket=$munge_dir/munge.socket
-NodeName=localhost CPUs=$cpus State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+$node_lines
+PartitionName=debug Nodes=$node_names Default=YES MaxTime=INFINITE State=UP
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -57,22 +74,43 @@ MpiDefault=none
 JobRequeue=1
 ReturnToService=2
 StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
+SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd.pid
+SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/slurmctld.log
-SlurmdLogFile=$dir/slurmd.log
+SlurmdLogFile=$dir/slurmd-%n.log
 SlurmctldPort=$((6817 + RANDOM % 1000))
 SlurmdPort=$((7817 + RANDOM % 1000))
 JobCompType=jobcomp/filetxt
 JobCompLoc=$dir/jobcomp.txt
 EOF
 export SLURM_CONF=$dir/slurm.conf
-slurmctld -i -f "$SLURM_CONF"
-slurmd -N localhost -f "$SLURM_CONF"
+if [ "$nodes" -gt 1 ]; then
+    mkdir -p "$dir/bin"
+    for tool in sbatch squeue scontrol scancel sinfo srun sacct; do  # run where the controller is reachable
+        printf '#!/bin/bash\nexec bash %s exec %s node1 env SLURM_CONF=%s %s "$@"\n' "$here/netns_cluster.sh" \
+            "$dir/netns" "$SLURM_CONF" "$(command -v "$tool" || echo "/usr/bin/$tool")" > "$dir/bin/$tool"
+        chmod +x "$dir/bin/$tool"
+    done
+    bash "$here/netns_cluster.sh" exec "$dir/netns" node1 slurmctld -i -f "$SLURM_CONF"
+    while read -r name _ _; do
+        mkdir -p "$dir/spool/$name"
+        bash "$here/netns_cluster.sh" exec "$dir/netns" "$name" slurmd -N "$name" -f "$SLURM_CONF"
+    done < "$dir/nodes"
+    PATH="$dir/bin:$PATH"
+else
+    mkdir -p "$dir/spool/localhost"
+    slurmctld -i -f "$SLURM_CONF"
+    slurmd -N localhost -f "$SLURM_CONF"
+fi
 for _ in $(seq 100); do
-    if sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then echo "SLURM_CONF=$SLURM_CONF"; exit 0; fi
+    up=$(sinfo -h -N -o %T 2>/dev/null | grep -cE '^(idle|mixed|allocated)' || true)
+    if [ "${up:-0}" -ge "$nodes" ]; then
+        if [ "$nodes" -gt 1 ]; then echo "PATH=$dir/bin:\$PATH"; fi
+        echo "SLURM_CONF=$SLURM_CONF"
+        exit 0
+    fi
     sleep 0.3
 done
-echo "slurm did not come up; see $dir/slurmctld.log and $dir/slurmd.log" >&2
+echo "slurm did not come up; see $dir/slurmctld.log and $dir/slurmd-*.log" >&2
 exit 1
