@@ -1,12 +1,14 @@
 """Block-wise KV-cached sampling vs two baselines on the paper's UCF layout, measured side by side in one run.
 
-    python -m benchmarks.videoar_sampling [--repeats 5] [--threads 2]
+    python -m benchmarks.videoar_sampling [--repeats 5] [--threads 2] [--batch 8]
 
 (i)  KV-cached sampling (`models.sampler.sample`, one forward per (frame, scale) block) vs an uncached sampler
      that, for each block, reruns the full forward over the condition prefix and every block so far. Both are
      greedy (temperature 0, cfg_scale 1) and must sample the same bits (checked and printed).
 (ii) Block-wise decoding vs next-token AR on the same grid: 30 block forwards vs 650 single-token forwards
      (forward counts), and the time of an honest next-token KV-cached loop of 650 single-token forwards.
+(iii) Throughput at --batch prompts per forward: videos/s, forwards/s and achieved FLOP/s (the model FLOPs of
+     every token once with attention over its visible keys, `trainer/flops.py`), and the cached/uncached ratio.
 Random-init model (depth 4, width 256, heads 4, class condition), scales (1,2,3,4,6,8), 5 latent frames
 (650 tokens, 30 blocks), latent_dim 16. Speed is about the number and shape of forwards, not about weights.
 """
@@ -25,6 +27,7 @@ from models.quantizer import MultiScaleBitwiseQuantizer, QuantizerConfig
 from models.sampler import SamplingConfig, sample, sample_bits
 from models.sequence_inputs import block_input, tokens_to_grid
 from models.videoar import VideoAR, VideoARConfig, layout_mask
+from trainer.flops import forward_flops
 
 D, FRAMES, SCALES = 16, 5, [1, 2, 3, 4, 6, 8]
 
@@ -101,6 +104,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per mode (median reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch", type=int, default=8, help="prompts per forward for the throughput line")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
@@ -127,6 +131,15 @@ def main() -> int:
           f"{token_forwards / res.forwards:.2f}x fewer")
     print(f"     next-token KV-cached loop ({token_forwards} single-token forwards): {t_token * 1e3:.1f} ms; "
           f"block-wise is {t_token / t_cached:.2f}x faster")
+    # (iii) several prompts per forward: the small per-block GEMMs get taller, the weights are read once per batch
+    conds = torch.arange(args.batch) % 10
+    t_batch, res_b = timed(lambda: sample(model, q, conds, FRAMES, greedy), args.repeats)
+    t_batch_uncached, _ = timed(lambda: sample_uncached(model, q, conds), max(1, args.repeats // 2))
+    flops = forward_flops(model.cfg, D, layout, args.batch, attention="useful")  # every token once, visible keys
+    print(f"(iii) batch {args.batch}: KV-cached {t_batch * 1e3:.1f} ms = {args.batch / t_batch:.2f} videos/s, "
+          f"{res_b.forwards / t_batch:.0f} forwards/s, {flops / t_batch / 1e9:.1f} GFLOP/s achieved "
+          f"(batch 1: {forward_flops(model.cfg, D, layout, 1, attention='useful') / t_cached / 1e9:.1f} GFLOP/s); "
+          f"uncached {t_batch_uncached * 1e3:.1f} ms: {t_batch_uncached / t_batch:.2f}x")
     return 0 if same else 1
 
 
