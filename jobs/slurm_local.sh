@@ -4,10 +4,11 @@
 #   bash jobs/slurm_local.sh start DIR [N]  # installs (idempotent, needs root + apt), starts munged/slurmctld/slurmd
 #   bash jobs/slurm_local.sh stop DIR       # stops exactly the daemons it started (by PID)
 #
-# N = 1 (default): one node, `localhost`. N > 1: N emulated nodes node1..nodeN (jobs/netns_cluster.sh: network
-# namespaces on a private bridge), one slurmd per node inside its namespace and slurmctld in node1's. The clients
-# (sbatch, squeue, scontrol, scancel, sinfo, srun, sacct) must then run inside a node: `start` writes wrappers
-# that do so into DIR/bin and prints `PATH=DIR/bin:$PATH`. Everything lives under DIR (config, state, spool, logs,
+# N nodes node1..nodeN (default 1), each a network namespace on a private bridge (jobs/netns_cluster.sh) with
+# its own slurmd, slurmctld in node1's: SLURM's daemons listen on every interface, and inside a namespace every
+# interface is the node's loopback or the bridge, which the host has no address on, so nothing outside this
+# machine's namespaces can reach them. The clients (sbatch, squeue, scontrol, scancel, sinfo, srun, sacct) run
+# inside node1: `start` writes wrappers that do so into DIR/bin and prints `PATH=DIR/bin:$PATH`. Everything lives under DIR (config, state, spool, logs,
 # pid files). Clients find the cluster through SLURM_CONF=DIR/slurm.conf, which `start` prints as its last line.
 set -euo pipefail
 cmd=${1:?start|stop}
@@ -47,17 +48,11 @@ runuser -u munge -- /usr/sbin/munged --socket="$munge_dir/munge.socket" --pid-fi
 cp "$munge_dir/munged.pid" "$dir/munged.pid"
 
 cpus=$(nproc)
-if [ "$nodes" -gt 1 ]; then
-    bash "$here/netns_cluster.sh" start "$dir/netns" "$nodes" > "$dir/nodes"  # lines: NAME NETNS IP
-    # slurmctld checks its own hostname (the machine's: the nodes share it), reached at node1's address
-    controller="$(hostname -s)($(awk 'NR == 1 {print $3}' "$dir/nodes"))"
-    node_lines=$(awk -v c="$cpus" '{print "NodeName=" $1 " NodeAddr=" $3 " CPUs=" c " State=UNKNOWN"}' "$dir/nodes")
-    node_names=$(awk '{printf "%s%s", sep, $1; sep = ","}' "$dir/nodes")
-else
-    controller=localhost
-    node_lines="NodeName=localhost CPUs=$cpus State=UNKNOWN"
-    node_names=localhost
-fi
+bash "$here/netns_cluster.sh" start "$dir/netns" "$nodes" > "$dir/nodes"  # lines: NAME NETNS IP
+# slurmctld checks its own hostname (the machine's: the nodes share it), reached at node1's address
+controller="$(hostname -s)($(awk 'NR == 1 {print $3}' "$dir/nodes"))"
+node_lines=$(awk -v c="$cpus" '{print "NodeName=" $1 " NodeAddr=" $3 " CPUs=" c " State=UNKNOWN"}' "$dir/nodes")
+node_names=$(awk '{printf "%s%s", sep, $1; sep = ","}' "$dir/nodes")
 cat > "$dir/slurm.conf" <<EOF
 ClusterName=videoar-local
 SlurmctldHost=$controller
@@ -85,28 +80,22 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$dir/jobcomp.txt
 EOF
 export SLURM_CONF=$dir/slurm.conf
-if [ "$nodes" -gt 1 ]; then
-    mkdir -p "$dir/bin"
-    for tool in sbatch squeue scontrol scancel sinfo srun sacct; do  # run where the controller is reachable
-        printf '#!/bin/bash\nexec bash %s exec %s node1 env SLURM_CONF=%s %s "$@"\n' "$here/netns_cluster.sh" \
-            "$dir/netns" "$SLURM_CONF" "$(command -v "$tool" || echo "/usr/bin/$tool")" > "$dir/bin/$tool"
-        chmod +x "$dir/bin/$tool"
-    done
-    bash "$here/netns_cluster.sh" exec "$dir/netns" node1 slurmctld -i -f "$SLURM_CONF"
-    while read -r name _ _; do
-        mkdir -p "$dir/spool/$name"
-        bash "$here/netns_cluster.sh" exec "$dir/netns" "$name" slurmd -N "$name" -f "$SLURM_CONF"
-    done < "$dir/nodes"
-    PATH="$dir/bin:$PATH"
-else
-    mkdir -p "$dir/spool/localhost"
-    slurmctld -i -f "$SLURM_CONF"
-    slurmd -N localhost -f "$SLURM_CONF"
-fi
+mkdir -p "$dir/bin"
+for tool in sbatch squeue scontrol scancel sinfo srun sacct; do  # run where the controller is reachable
+    printf '#!/bin/bash\nexec bash %s exec %s node1 env SLURM_CONF=%s %s "$@"\n' "$here/netns_cluster.sh" \
+        "$dir/netns" "$SLURM_CONF" "$(command -v "$tool" || echo "/usr/bin/$tool")" > "$dir/bin/$tool"
+    chmod +x "$dir/bin/$tool"
+done
+bash "$here/netns_cluster.sh" exec "$dir/netns" node1 slurmctld -i -f "$SLURM_CONF"
+while read -r name _ _; do
+    mkdir -p "$dir/spool/$name"
+    bash "$here/netns_cluster.sh" exec "$dir/netns" "$name" slurmd -N "$name" -f "$SLURM_CONF"
+done < "$dir/nodes"
+PATH="$dir/bin:$PATH"
 for _ in $(seq 100); do
     up=$(sinfo -h -N -o %T 2>/dev/null | grep -cE '^(idle|mixed|allocated)' || true)
     if [ "${up:-0}" -ge "$nodes" ]; then
-        if [ "$nodes" -gt 1 ]; then echo "PATH=$dir/bin:\$PATH"; fi
+        echo "PATH=$dir/bin:\$PATH"
         echo "SLURM_CONF=$SLURM_CONF"
         exit 0
     fi

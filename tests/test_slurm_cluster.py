@@ -1,4 +1,4 @@
-"""A real single-node SLURM cluster (installed and started by jobs/slurm_local.sh): a training job submitted
+"""A real single-node SLURM cluster (installed and started by jobs/slurm_local.sh, inside a network namespace): a training job submitted
 through jobs.slurm runs 2 processes, is signalled mid-run, checkpoints, requeues itself, resumes, and finishes
 the planned steps with losses equal to an uninterrupted run's."""
 
@@ -28,14 +28,16 @@ def slurm_cluster(tmp_path_factory):
     res = subprocess.run(["bash", "jobs/slurm_local.sh", "start", str(state)], capture_output=True, text=True,
                          timeout=900)
     assert res.returncode == 0, res.stderr + res.stdout
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    saved = {k: os.environ.get(k) for k in ("PATH", "SLURM_CONF")}
+    # the node is a network namespace (jobs/slurm_local.sh): the clients are wrappers that run inside it
+    os.environ.update(PATH=f"{state / 'bin'}:{os.environ['PATH']}", SLURM_CONF=str(state / "slurm.conf"))
     yield state
     subprocess.run(["bash", "jobs/slurm_local.sh", "stop", str(state)], timeout=120)
-    if previous is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = previous
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 
