@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from jobs.slurm import main, render_sbatch, write_job
 from tests.conftest import TINY
 from common.config import load_config
@@ -23,6 +25,9 @@ def test_four_nodes_of_eight_gpus(tmp_path):
     assert "--ntasks-per-node=1" in srun  # one launcher per node ...
     assert "--nproc 8 --nnodes $SLURM_NNODES --master-addr $HEAD" in srun  # 8 ranks each
     assert "--node-rank" not in srun  # each launcher reads its own SLURM_NODEID; the batch shell's is always 0
+    # the batch shell expands every $VAR of the srun line before the tasks exist: only values that are the same
+    # on every node may appear there (a per-task one, e.g. SLURM_NODEID or SLURM_PROCID, would be node 0's)
+    assert set(re.findall(r"\$\{?(\w+)", srun)) <= {"SLURM_NNODES", "HEAD"}, srun
     assert "--kill-on-bad-exit" not in srun  # a preempted node must not kill the others mid-checkpoint
     assert 'export MASTER_ADDR="$HEAD" MASTER_PORT=29500' in lines
     assert f"--config {config.resolve()}" in srun
