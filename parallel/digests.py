@@ -43,12 +43,11 @@ class HashingWriter:
     serialized, hashed and written in one pass, with no in-memory copy of it)."""
 
     def __init__(self, f: BinaryIO, algorithm: str = DIGEST):
-        self.f, self.hasher, self.bytes = f, new_hasher(algorithm), 0
+        self.f, self.hasher = f, new_hasher(algorithm)
         self.error: OSError | None = None  # torch.save turns a failed write into a RuntimeError: kept here
 
     def write(self, data) -> int:
         self.hasher.update(data)
-        self.bytes += len(memoryview(data).cast("B"))
         try:
             return self.f.write(data)
         except OSError as e:

@@ -3,6 +3,7 @@ downloaded)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -81,8 +82,6 @@ def s3_endpoint():
     exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while True:
@@ -94,14 +93,47 @@ def s3_endpoint():
                 proc.kill()
                 raise RuntimeError(f"moto_server did not start on port {port}")
             time.sleep(0.1)
-    yield endpoint
+    with patched_environ(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"):
+        yield endpoint
     proc.terminate()
     proc.wait(timeout=10)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+
+
+@contextlib.contextmanager
+def patched_environ(**values: str):
+    """os.environ with `values` set inside the block, as it was (set or unset) after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def local_slurm(tmp_path_factory, nodes: int = 1):
+    """Body of a module fixture: a SLURM cluster of `nodes` emulated nodes (jobs/slurm_local.sh: network
+    namespaces), its client wrappers first on PATH and SLURM_CONF set while it runs; stopped by PID after."""
+    state = tmp_path_factory.mktemp(f"slurm{nodes}")
+    script = str(Path(__file__).resolve().parent.parent / "jobs" / "slurm_local.sh")
+    res = subprocess.run(["bash", script, "start", str(state), str(nodes)], capture_output=True, text=True,
+                         timeout=900)
+    if res.returncode and "netns" in res.stderr and "Operation not permitted" in res.stderr:
+        pytest.skip(f"cannot create network namespaces here: {res.stderr.strip()[-200:]}")
+    assert res.returncode == 0, res.stderr + res.stdout
+    try:
+        with patched_environ(PATH=f"{state / 'bin'}:{os.environ['PATH']}", SLURM_CONF=str(state / "slurm.conf")):
+            yield state
+    finally:
+        subprocess.run(["bash", script, "stop", str(state)], timeout=120)
+
+
+def steps_logged(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl written so far ([] before the file exists)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def shard_offsets(store, shard: dict) -> list:

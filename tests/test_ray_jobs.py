@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_cfg
+from data_pipeline.ray_runtime import RAY_LOOPBACK_ENV
+from tests.conftest import make_cfg, patched_environ
 from common.config import save_config
 
 STAGE = ("curriculum=[{name: s, until_step: 3, resolution: [32, 32], frames: 5, scales: [1, 2, 4], "
@@ -34,36 +35,31 @@ def free_port() -> int:
 def ray_head(tmp_path_factory):
     """Token auth stays on (Ray's default): a fresh token for this head, given to the clients via the env."""
     port, dashboard = free_port(), free_port()
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # its own session dir: no clash with other Ray users
-    proc = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                             f"--temp-dir={temp_dir}",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
-                             "--include-dashboard=true"], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 300
-    probe = [sys.executable, "-c", f"from ray.job_submission import JobSubmissionClient as C; C({address!r}).list_jobs()"]
-    while subprocess.run(probe, capture_output=True).returncode != 0:  # a fresh process: no cached Ray auth state
-        if time.time() > deadline or proc.poll() is not None:
+    with patched_environ(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16)):
+        env = {**os.environ, RAY_LOOPBACK_ENV: "0", "RAY_USAGE_STATS_ENABLED": "0"}  # loopback only
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # its own session dir: no clash with other Ray users
+        proc = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                                 f"--temp-dir={temp_dir}",
+                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
+                                 "--include-dashboard=true"], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 300
+        probe = [sys.executable, "-c",
+                 f"from ray.job_submission import JobSubmissionClient as C; C({address!r}).list_jobs()"]
+        while subprocess.run(probe, capture_output=True).returncode != 0:  # a fresh process: no cached Ray auth state
+            if time.time() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise RuntimeError("the Ray head did not come up")
+            time.sleep(1)
+        yield address
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)  # Ray shuts down slowly (30-60 s); the group is killed after
+        except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            raise RuntimeError("the Ray head did not come up")
-        time.sleep(1)
-    yield address
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)  # Ray shuts down slowly (30-60 s); the group is killed after
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    shutil.rmtree(temp_dir, ignore_errors=True)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow

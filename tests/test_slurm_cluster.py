@@ -4,15 +4,13 @@ the planned steps with losses equal to an uninterrupted run's."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import time
 
 import pytest
 
 from jobs.slurm import status, submit, write_job
-from tests.conftest import make_cfg, wait_for
+from tests.conftest import local_slurm, make_cfg, steps_logged, wait_for
 from trainer.train_videoar import VideoARTrainer
 
 # long enough that the job cannot finish before the test's signal arrives (the tiny model runs ~12 steps/s: 30
@@ -24,25 +22,7 @@ STAGE = (f"curriculum=[{{name: s, until_step: {STEPS}, resolution: [32, 32], fra
 
 @pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
-    state = tmp_path_factory.mktemp("slurm")
-    res = subprocess.run(["bash", "jobs/slurm_local.sh", "start", str(state)], capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, res.stderr + res.stdout
-    saved = {k: os.environ.get(k) for k in ("PATH", "SLURM_CONF")}
-    # the node is a network namespace (jobs/slurm_local.sh): the clients are wrappers that run inside it
-    os.environ.update(PATH=f"{state / 'bin'}:{os.environ['PATH']}", SLURM_CONF=str(state / "slurm.conf"))
-    yield state
-    subprocess.run(["bash", "jobs/slurm_local.sh", "stop", str(state)], timeout=120)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-
-def steps_logged(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    yield from local_slurm(tmp_path_factory, 1)
 
 
 @pytest.mark.slow

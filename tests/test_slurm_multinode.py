@@ -5,7 +5,6 @@ namespace link (gloo), is preempted with USR1, requeues, resumes, and its losses
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 
 from common.config import save_config
 from jobs.slurm import status, submit, write_job
-from tests.conftest import make_cfg, wait_for
+from tests.conftest import local_slurm, make_cfg, steps_logged, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 120
@@ -25,25 +24,7 @@ STAGE = (f"curriculum=[{{name: s, until_step: {STEPS}, resolution: [32, 32], fra
 
 @pytest.fixture(scope="module")
 def slurm_two_nodes(tmp_path_factory):
-    state = tmp_path_factory.mktemp("slurm2")
-    res = subprocess.run(["bash", str(ROOT / "jobs/slurm_local.sh"), "start", str(state), "2"], capture_output=True,
-                         text=True, timeout=900)
-    if res.returncode and "netns" in res.stderr and "Operation not permitted" in res.stderr:
-        pytest.skip(f"cannot create network namespaces here: {res.stderr.strip()[-200:]}")
-    assert res.returncode == 0, res.stderr + res.stdout
-    saved = {k: os.environ.get(k) for k in ("PATH", "SLURM_CONF")}
-    os.environ.update(PATH=f"{state / 'bin'}:{os.environ['PATH']}", SLURM_CONF=str(state / "slurm.conf"))
-    yield state
-    subprocess.run(["bash", str(ROOT / "jobs/slurm_local.sh"), "stop", str(state)], timeout=120)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def steps_logged(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    yield from local_slurm(tmp_path_factory, 2)
 
 
 @pytest.mark.slow

@@ -41,12 +41,12 @@ class HeldOutEvaluator:
 
     def data_for(self, index: int):
         if index != self._stage:
-            self._data, self._stage = self.load(self.trainer.curriculum.stages[index].parts()[0]), index
+            self._data, self._stage = self.load(self.trainer.curriculum.stage_streams(index)[0][1]), index
         return self._data
 
     def evaluate(self, index: int, quantizer) -> dict[str, float]:
         tr = self.trainer
-        cfg, topo, stage = tr.cfg, tr.topo, tr.curriculum.stages[index].parts()[0]  # a joint stage's clips
+        cfg, topo, stage = tr.cfg, tr.topo, tr.curriculum.stage_streams(index)[0][1]  # a joint stage's clips
         data = self.data_for(index)
         n, micro = eval_count(len(data), topo.dp, stage.micro_batch, cfg.videoar_train.eval_samples)
         if n == 0:
