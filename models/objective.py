@@ -1,6 +1,6 @@
 """The VideoAR training objective (DESIGN §3.2-3.6): Cross-Frame Error Correction on the continuous latents,
-teacher-forced inputs from the corrupted bits, block-causal (+ Random Frame Mask) attention, per-bit
-cross-entropy against the corrected labels.
+teacher-forced inputs from the corrupted bits, block-causal (+ Random Frame Mask) attention (the model builds the
+mask from the frame visibility table), per-bit cross-entropy against the corrected labels.
 
 Every random draw of a sample (flip ratios and flips, frame mask, condition dropout) comes from a generator seeded
 by (run seed, step, the sample's position in the global batch), so the objective does not depend on how the
@@ -17,7 +17,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from models.attention_mask import block_causal_mask, frame_visibility
+from models.attention_mask import frame_visibility
 from models.layout import SequenceLayout
 from models.quantizer import MultiScaleBitwiseQuantizer
 from models.sequence_inputs import sequence_targets, teacher_forcing_features
@@ -33,7 +33,7 @@ class MicroBatch:
     targets: torch.Tensor  # (B, L_video, d) bool labels
     cond: torch.Tensor  # text states (B, P, D) or class ids (B,)
     drop: torch.Tensor  # (B,) bool: condition replaced by the null prefix
-    mask: torch.Tensor | None  # (B, L, L) bool with the Random Frame Mask, None = the layout's block-causal mask
+    visibility: torch.Tensor | None  # (B, T, T) bool frame visibility (Random Frame Mask / window), None = all history
     flip_ratio: torch.Tensor  # (B,) mean drawn flip ratio per sample
     layout: SequenceLayout | None = None
 
@@ -45,17 +45,18 @@ class MicroBatch:
         return self.layout
 
     def model_args(self) -> tuple:
-        return self.cond, self.features, self.layout, self.mask, self.drop
+        return self.cond, self.features, self.layout, self.visibility, self.drop
 
     def stage_args(self) -> tuple[torch.Tensor, ...]:
-        """Tensors only, batch first (pipeline stages pass tensors): the default mask made explicit."""
-        mask = self.mask if self.mask is not None else block_causal_mask(self.layout).expand(len(self), -1, -1)
-        return self.features, self.cond, self.drop.float(), mask.float()
+        """Tensors only, batch first (pipeline stages pass tensors): the default visibility made explicit."""
+        vis = self.visibility if self.visibility is not None else \
+            frame_visibility(len(self), self.layout.num_frames).to(self.features.device)
+        return self.features, self.cond, self.drop.float(), vis.float()
 
     def split(self, size: int) -> list["MicroBatch"]:
         n = len(self)
         return [MicroBatch(*(None if x is None else x[i:i + size] for x in (
-            self.features, self.targets, self.cond, self.drop, self.mask, self.flip_ratio)), layout=self.layout)
+            self.features, self.targets, self.cond, self.drop, self.visibility, self.flip_ratio)), layout=self.layout)
             for i in range(0, n, size)]
 
 
@@ -86,9 +87,9 @@ def prepare_batch(quantizer: MultiScaleBitwiseQuantizer, layout: SequenceLayout,
     # the draws come from CPU generators (per sample, layout-independent); everything returned is on the device
     device = latents.device
     per_scale = lambda xs: [torch.cat([x[k] for x in xs]) for k in range(quantizer.num_scales)]  # noqa: E731
-    mask = block_causal_mask(layout, torch.cat(vis).to(device)) if vis else None
+    visibility = torch.cat(vis).to(device) if vis else None
     return MicroBatch(teacher_forcing_features(quantizer, per_scale(inputs)), sequence_targets(per_scale(labels)),
-                      cond.to(device), torch.cat(drop).to(device), mask, torch.stack(ratios).float().to(device),
+                      cond.to(device), torch.cat(drop).to(device), visibility, torch.stack(ratios).float().to(device),
                       layout)
 
 

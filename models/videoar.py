@@ -22,6 +22,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from models.attention_mask import block_causal_mask
+from models.block_sparse import SparseMask, attend, block_mask
 from models.layout import Block, SequenceLayout
 from models.rope import apply_rope, rope_angles
 from common.model_config import VideoARConfig
@@ -81,7 +82,7 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: VideoARConfig):
         super().__init__()
-        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.heads, self.head_dim, self.flex_compile = cfg.heads, cfg.head_dim, cfg.flex_compile
         # qkv output is laid out (heads, 3, head_dim) so a column split by heads keeps each head's q, k, v together
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
         self.proj = nn.Linear(cfg.width, cfg.width, bias=False)
@@ -96,7 +97,10 @@ class Attention(nn.Module):
         q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if isinstance(mask, SparseMask):
+            out = attend(q, k, v, mask, self.flex_compile)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -259,19 +263,36 @@ class VideoAR(nn.Module):
 
     # -- full sequence ---------------------------------------------------------------------------------------
     def forward(self, cond: torch.Tensor, features: torch.Tensor, layout: SequenceLayout,
-                mask: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """Bit logits (B, L_video, d, 2) for every video token. `mask` defaults to the layout's block-causal mask;
-        pass (B, L, L) for the Random Frame Mask."""
+                visibility: torch.Tensor | None = None, drop: torch.Tensor | None = None,
+                *, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Bit logits (B, L_video, d, 2) for every video token, under the layout's block-causal rule with the
+        Random Frame Mask's `visibility` (B, T, T) when given (`attention_mask`). `mask`: an explicit dense
+        (L, L) / (B, L, L) bool mask instead (sdpa only; tests)."""
         lt = self.tensors(layout)
         n_video = layout.length - layout.prefix_len
         if features.shape[1:] != (n_video, self.latent_dim):
             raise ValueError(f"features must be (B, {n_video}, {self.latent_dim}) for this layout, "
                              f"got {tuple(features.shape)}")
         x = torch.cat([self.prefix(cond, drop), self.embed_video(features, lt, 0, n_video)], dim=1)
-        mask = layout_mask(layout, x.device) if mask is None else mask
-        mask = self.masked_keys(mask, self.key_keep(cond, drop, layout.length))
+        keep = self.key_keep(cond, drop, layout.length)
+        if mask is None:
+            mask = self.attention_mask(layout, x.shape[0], visibility, keep)
+        else:
+            if self.cfg.attention != "sdpa" or visibility is not None:
+                raise ValueError("an explicit dense mask needs videoar.attention=sdpa and no visibility table")
+            mask = self.masked_keys(mask, keep)
         x = self.run_blocks(self.blocks, x, lt.angles, mask)
         return self.logits(x[:, layout.prefix_len:])
+
+    def attention_mask(self, layout: SequenceLayout, batch: int, visibility: torch.Tensor | None,
+                       keep: torch.Tensor | None):
+        """The full-sequence attention mask for `videoar.attention`: sdpa gets a dense bool (1|B, 1, L, L) tensor
+        (cached per layout without a visibility table), flex a `SparseMask` (no L x L tensor)."""
+        device = self.device
+        if self.cfg.attention == "flex":
+            return block_mask(layout, batch, visibility, keep, device)
+        dense = layout_mask(layout, device) if visibility is None else block_causal_mask(layout, visibility, device)
+        return self.masked_keys(dense, keep)
 
     # -- the parallel plan and the pipeline-stage pieces (parallel/ applies them, common/parallel_plan.py) ------
     def parallel_plan(self) -> ParallelPlan:
@@ -286,16 +307,20 @@ class VideoAR(nn.Module):
             first_stage=("cond_proj", "class_embed", "null_prefix", "sos_embed", "scale_embed", "input_proj"),
             last_stage=("norm", "head"), no_weight_decay=("embed",), hidden_size=cfg.width)
 
-    def stage_input(self, layout: SequenceLayout, features, cond, drop, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    def stage_input(self, layout: SequenceLayout, features, cond, drop, visibility
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden, visibility, key keep): the small float tables (B, T, T) and (B, L) travel down the pipeline,
+        each stage builds its attention mask from them (never an L x L tensor between stages)."""
         lt = self.tensors(layout)
         keep = self.key_keep(cond, drop, layout.length)
-        if keep is not None:  # the float (B, L, L) mask that travels down the pipeline, padding keys removed
-            mask = mask * keep[:, None, :].to(mask.dtype)
+        keep = torch.ones(features.shape[0], layout.length, device=features.device) if keep is None else keep
         return torch.cat([self.prefix(cond, drop.bool()), self.embed_video(features, lt, 0, features.shape[1])],
-                         dim=1), mask
+                         dim=1), visibility, keep.float()
 
-    def stage_blocks(self, layout: SequenceLayout, blocks, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.run_blocks(blocks, x, self.tensors(layout).angles, mask.bool()[:, None])
+    def stage_blocks(self, layout: SequenceLayout, blocks, x: torch.Tensor, visibility: torch.Tensor,
+                     keep: torch.Tensor) -> torch.Tensor:
+        mask = self.attention_mask(layout, x.shape[0], visibility.bool(), keep.bool())
+        return self.run_blocks(blocks, x, self.tensors(layout).angles, mask)
 
     def stage_output(self, layout: SequenceLayout, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x[:, layout.prefix_len:])

@@ -67,7 +67,7 @@ def test_train_step_and_sampling_step_keep_every_tensor_on_the_device(cond):
     gens = [sample_generator(cfg.run.seed, 0, j) for j in range(b)]
     # CFEC flips, frame mask, condition dropout: drawn from CPU generators, everything returned on the device
     batch = prepare_batch(q, layout, latents, _cond(cfg, b), stage, 0.5, 0.3, 0.0, 0.01, gens)
-    for name in ("features", "targets", "cond", "drop", "mask", "flip_ratio"):
+    for name in ("features", "targets", "cond", "drop", "visibility", "flip_ratio"):
         assert getattr(batch, name).device == META, name
     engine = TorchEngine(model, model.parallel_plan(), SINGLE, cfg.parallel, cfg.videoar_train, 10, META)
     objective = BitObjective(layout.length - layout.prefix_len, scale_loss_weights(layout, "sqrt_area"))
@@ -87,13 +87,17 @@ def test_train_step_and_sampling_step_keep_every_tensor_on_the_device(cond):
 
 
 def test_a_cpu_tensor_meeting_the_step_fails():
-    """The check has teeth: a CPU mask handed to the meta model raises, as it would against CUDA parameters."""
+    """The check has teeth: a CPU frame-visibility table or dense mask handed to the meta model raises, as it
+    would against CUDA parameters."""
     cfg, stage, model, q = _parts("class")
     layout = model.layout_for(1, q.sizes)
     features = torch.randn(2, layout.length - layout.prefix_len, q.dim, device=META)
     cpu_mask = torch.ones(2, layout.length, layout.length, dtype=torch.bool)
+    drop = torch.zeros(2, dtype=torch.bool, device=META)
     with pytest.raises(RuntimeError, match="device"):
-        model(_cond(cfg, 2), features, layout, cpu_mask, torch.zeros(2, dtype=torch.bool, device=META))
+        model(_cond(cfg, 2), features, layout, torch.ones(2, 1, 1, dtype=torch.bool), drop)
+    with pytest.raises(RuntimeError, match="device"):
+        model(_cond(cfg, 2), features, layout, None, drop, mask=cpu_mask)
 
 
 def _distributed_calls(path: Path) -> list[str]:

@@ -79,7 +79,8 @@ def test_windowed_kv_cache_equals_the_window_mask_and_stays_bounded(cond, window
     c = torch.tensor([0, 2]) if cond == "class" else padded_text(torch.randn(2, 4, 12))
     layout = model.layout_for(frames, q.sizes)
     windowed = block_causal_mask(layout, frame_visibility(2, frames, window=window))
-    full = model(c, feats, layout, mask=windowed)
+    full = model(c, feats, layout, frame_visibility(2, frames, window=window))
+    torch.testing.assert_close(full, model(c, feats, layout, mask=windowed), rtol=0, atol=1e-6)
     assert (full - model(c, feats, layout)).abs().max() > 1e-3  # the window changes what frames see
     cache, P, parts = model.new_cache(2, layout, window=window), layout.prefix_len, []
     for block in layout.blocks:
@@ -122,9 +123,9 @@ def test_text_padding_is_masked_out_of_attention():
             parts.append(model.forward_block(block, feats[:, block.start - P:block.end - P], layout, cache, cond=c))
         torch.testing.assert_close(torch.cat(parts, dim=1), base, rtol=0, atol=1e-5)
         drop = torch.zeros(2)
-        mask = block_causal_mask(layout).expand(2, -1, -1).float()
-        x, m = model.stage_input(layout, feats, c, drop, mask)
-        staged = model.stage_output(layout, model.stage_blocks(layout, model.blocks, x, m))
+        vis = frame_visibility(2, layout.num_frames).float()
+        x, *side = model.stage_input(layout, feats, c, drop, vis)
+        staged = model.stage_output(layout, model.stage_blocks(layout, model.blocks, x, *side))
         torch.testing.assert_close(staged, base, rtol=0, atol=1e-5)
     finally:
         handle.remove()
