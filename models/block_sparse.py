@@ -3,22 +3,27 @@ from the sequence layout, never an L x L tensor.
 
 The rule is `models.attention_mask`'s (the dense reference), evaluated per token from small tables: frame and scale
 id per token (L,), the Random Frame Mask's frame visibility (B, T, T) when a stage draws one, and the text
-padding's key keep (B, L). Block structure (which 128 x 128 tiles are empty, partial or full) is computed one
-query tile at a time, so building the mask costs O(L^2 / 128) memory per tile row, not L^2; flex then skips the
-empty tiles and applies the rule only inside partial ones.
+padding's key keep (B, L). Block structure (which 128 x 128 tiles are empty, partial or full) is counted per
+(frame, scale) group, never per pair; flex then skips the empty tiles and applies the rule only inside partial
+ones.
 
-`flex_attention` is compiled where it pays (`videoar.flex_compile`: auto = CUDA only, always, never); eager flex
-is correct everywhere but materializes scores like the math SDPA kernel.
+Kernels (`videoar.sparse_kernel`): `flex` = compiled flex_attention (auto on CUDA, with flex's own backward);
+`tiled` = SDPA per query tile against its computed key tiles only (auto on CPU: compiled flex on CPU is slower per
+FLOP than SDPA's flash kernel and has no backward); `flex_eager` = uncompiled flex (tests; it materializes
+scores). Off CUDA every kernel's backward is the tiled one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from common.model_config import SPARSE_KERNELS
 from models.layout import SequenceLayout
 
 TILE = 128  # flex's default sparse block size (query and key tiles)
@@ -60,25 +65,31 @@ def _tables(layout: SequenceLayout, visibility, keep, device) -> MaskTables:
     return MaskTables(frame, scale, visibility, keep, layout.length)
 
 
-def _tile_structure(tables: MaskTables, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partial, full) tiles (B, n, n) bool, one query tile row at a time: a tile is full when every (query, key)
-    pair in it is allowed, partial when some but not all are."""
-    lp = tables.frame.numel()
-    n = lp // TILE
-    device = tables.frame.device
-    keys = torch.arange(lp, device=device)
-    partial = torch.zeros(batch, n, n, dtype=torch.bool, device=device)
-    full = torch.zeros_like(partial)
+def _tile_structure(layout: SequenceLayout, tables: MaskTables, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial, full) tiles (B, n, n) bool: a tile is full when every (query, key) pair in it is allowed, partial
+    when some but not all are. Counted without touching pairs: the rule is constant over a group (one prefix token,
+    or one (frame, scale) block), so with C[i, g] = tokens of group g in tile i and A[g, g'] the group rule, the
+    allowed pairs of tile (i, j) are (C A C'^T)[i, j], C' counting only kept keys. O(n G + G^2) for G groups."""
+    device, n = tables.frame.device, tables.frame.numel() // TILE
+    P = layout.prefix_len
+    starts = list(range(P)) + [blk.start for blk in layout.blocks]
+    ends = list(range(1, P + 1)) + [blk.end for blk in layout.blocks]
+    rep = torch.tensor(starts, device=device)  # a token of each group
+    group = torch.repeat_interleave(torch.arange(len(starts), device=device),
+                                    torch.tensor(ends, device=device) - rep)  # (L,) group per real token
+    tile = torch.arange(layout.length, device=device) // TILE
+    counts = torch.zeros(n, len(starts), dtype=torch.float64, device=device)
+    counts.index_put_((tile, group), torch.ones(layout.length, dtype=torch.float64, device=device), accumulate=True)
+    rule = dataclasses.replace(tables, keep=None)
     b = torch.arange(batch, device=device)[:, None, None]
-    real_q = torch.arange(TILE, device=device)
-    for i in range(n):
-        q = (i * TILE + real_q)
-        q = q[q < tables.length]  # padded queries do not decide a tile's fullness
-        ok = tables.allowed(b, q[None, :, None], keys[None, None, :])  # (B, tile, Lp)
-        ok = ok.view(batch, len(q), n, TILE)
-        any_, all_ = ok.any(3).any(1), ok.all(3).all(1)
-        partial[:, i], full[:, i] = any_ & ~all_, all_
-    return partial, full
+    groups = rule.allowed(b, rep[None, :, None], rep[None, None, :]).to(torch.float64)  # (B, G, G)
+    key_counts = counts.expand(batch, -1, -1)
+    if tables.keep is not None:
+        key_counts = key_counts * tables.keep[:batch, rep].to(torch.float64)[:, None, :]  # (B, n, G)
+    pairs = counts @ groups @ key_counts.transpose(1, 2)
+    real = counts.sum(1)  # tokens per tile
+    full = pairs == real[:, None] * real[None, :]
+    return (pairs > 0) & ~full, full
 
 
 def _indices(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +106,7 @@ class SparseMask:
     block: BlockMask
     tables: MaskTables
     tiles: torch.Tensor
+    full: torch.Tensor  # (B|1, n, n) tiles whose every pair is allowed
 
 
 def block_mask(layout: SequenceLayout, batch: int, visibility: torch.Tensor | None = None,
@@ -109,14 +121,14 @@ def block_mask(layout: SequenceLayout, batch: int, visibility: torch.Tensor | No
         raise ValueError(f"key keep must be ({batch}, {layout.length}), got {tuple(keep.shape)}")
     tables = _tables(layout, visibility, keep, device)
     per_sample = visibility is not None or keep is not None
-    partial, full = _tile_structure(tables, batch if per_sample else 1)
+    partial, full = _tile_structure(layout, tables, batch if per_sample else 1)
 
     def mask_mod(b, h, q, k):
         return tables.allowed(b if per_sample else 0, q, k)
 
     block = BlockMask.from_kv_blocks(*_indices(partial), *_indices(full), BLOCK_SIZE=TILE, mask_mod=mask_mod,
                                      seq_lengths=(layout.length, layout.length))
-    return SparseMask(block, tables, partial | full)
+    return SparseMask(block, tables, partial | full, full)
 
 
 def visible_fraction(mask: SparseMask) -> float:
@@ -129,31 +141,96 @@ def _compiled():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def should_compile(mode: str, device: torch.device) -> bool:
-    """`videoar.flex_compile`: auto compiles on CUDA only; always / never as named."""
-    return mode == "always" or (mode == "auto" and device.type == "cuda")
-
-
-def _flex(q, k, v, mask: SparseMask, compile_mode: str):
-    fn = _compiled() if should_compile(compile_mode, q.device) else flex_attention
+def _flex(q, k, v, mask: SparseMask, kernel: str):
+    fn = flex_attention if kernel == "flex_eager" else _compiled()
     return fn(q, k, v, block_mask=mask.block)
 
 
-def _tile_keys(mask: SparseMask, i: int) -> torch.Tensor:
-    """Key positions of the tiles query tile i computes for any sample (real tokens only)."""
+def _row_keys(mask: SparseMask, i: int) -> slice | torch.Tensor:
+    """Key positions of the tiles query tile i computes for any sample (real tokens only): a slice when they are
+    a prefix of the sequence (the block-causal rule without a frame mask: no copy), else an index tensor."""
     cols = mask.tiles[:, i].any(0).nonzero().flatten()
     keys = (cols[:, None] * TILE + torch.arange(TILE, device=cols.device)).flatten()
-    return keys[keys < mask.tables.length]
+    keys = keys[keys < mask.tables.length]
+    return slice(0, len(keys)) if int(keys[-1]) == len(keys) - 1 else keys
 
 
-class _FlexWithTiledBackward(torch.autograd.Function):
-    """flex forward, backward by query tiles over the computed key tiles only (the FlashAttention-2 backward in
-    PyTorch ops, each tile's softmax recomputed): torch's flex has no CPU backward, and compiled flex on CPU
-    returns no log-sum-exp. Memory: one tile row's scores."""
+def _rows(mask: SparseMask, q: torch.Tensor):
+    """Per query tile: (query slice, key positions, allowed (B, 1, tq, m) bool)."""
+    length, device = q.shape[2], q.device
+    b = torch.arange(q.shape[0], device=device)[:, None, None]
+    for i in range(-(-length // TILE)):
+        qs = slice(i * TILE, min((i + 1) * TILE, length))
+        keys = _row_keys(mask, i)
+        kpos = torch.arange(keys.stop, device=device) if isinstance(keys, slice) else keys
+        qpos = torch.arange(qs.start, qs.stop, device=device)
+        yield qs, keys, mask.tables.allowed(b, qpos[None, :, None], kpos[None, None, :])[:, None]
+
+
+def _span(cols: torch.Tensor, length: int) -> slice | torch.Tensor:
+    """Key positions of tile columns `cols` (real tokens only): a slice when contiguous (no copy)."""
+    keys = (cols[:, None] * TILE + torch.arange(TILE, device=cols.device)).flatten()
+    keys = keys[keys < length]
+    first = int(keys[0]) if len(keys) else 0
+    return slice(first, first + len(keys)) if len(keys) and int(keys[-1]) == first + len(keys) - 1 else keys
+
+
+def _flash_with_lse(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked attention and its log-sum-exp (B, H, N): the CPU flash kernel SDPA dispatches to."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    return out, lse
+
+
+def _tiled_forward(q, k, v, mask: SparseMask) -> torch.Tensor:
+    """Block-sparse forward by query tiles: per tile row, the keys of tiles full for every sample through the
+    unmasked flash kernel, the keys of partial tiles with the rule evaluated on them only, merged by their
+    log-sum-exps. Hidden tiles are never touched."""
+    out, length, scale = torch.empty_like(q), q.shape[2], q.shape[-1] ** -0.5
+    b = torch.arange(q.shape[0], device=q.device)[:, None, None]
+    for i in range(-(-length // TILE)):
+        qs = slice(i * TILE, min((i + 1) * TILE, length))
+        qi = q[:, :, qs]
+        full = mask.full[:, i].all(0)
+        parts = []
+        if full.any():
+            keys = _span(full.nonzero().flatten(), length)
+            parts.append(_flash_with_lse(qi, k[:, :, keys], v[:, :, keys]))
+        partial = mask.tiles[:, i].any(0) & ~full
+        if partial.any():
+            keys = _span(partial.nonzero().flatten(), length)
+            kpos = torch.arange(keys.start, keys.stop, device=q.device) if isinstance(keys, slice) else keys
+            qpos = torch.arange(qs.start, qs.stop, device=q.device)
+            allowed = mask.tables.allowed(b, qpos[None, :, None], kpos[None, None, :])[:, None]
+            s = ((qi @ k[:, :, keys].transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))
+            lse = torch.logsumexp(s, dim=-1)
+            p = torch.exp(s - lse.nan_to_num(neginf=0.0)[..., None])  # rows without a partial key: p = 0
+            parts.append((p @ v[:, :, keys], lse))
+        if len(parts) == 1:
+            out[:, :, qs] = parts[0][0]
+        else:
+            (o1, l1), (o2, l2) = parts
+            top = torch.maximum(l1, l2)
+            w1, w2 = torch.exp(l1 - top)[..., None], torch.exp(l2 - top)[..., None]
+            out[:, :, qs] = (o1 * w1 + o2 * w2) / (w1 + w2)
+    return out
+
+
+def _add(buf: torch.Tensor, keys, value: torch.Tensor) -> None:
+    if isinstance(keys, slice):
+        buf[:, :, keys] += value
+    else:
+        buf.index_add_(2, keys, value)
+
+
+class _TiledBackward(torch.autograd.Function):
+    """Forward by flex or by `_tiled_forward`, backward by query tiles over the computed key tiles only (the
+    FlashAttention-2 backward in PyTorch ops, each tile's softmax recomputed): torch's flex has no CPU backward,
+    and compiled flex on CPU returns no log-sum-exp. Memory: one tile row's scores."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask: SparseMask, compile_mode: str):
-        out = _flex(q.detach(), k.detach(), v.detach(), mask, compile_mode)  # flex refuses inputs with grads
+    def forward(ctx, q, k, v, mask: SparseMask, kernel: str):
+        q_, k_, v_ = q.detach(), k.detach(), v.detach()  # flex refuses inputs that require grads
+        out = _tiled_forward(q_, k_, v_, mask) if kernel == "tiled" else _flex(q_, k_, v_, mask, kernel)
         ctx.save_for_backward(q, k, v, out)
         ctx.mask = mask
         return out
@@ -161,30 +238,38 @@ class _FlexWithTiledBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, out = ctx.saved_tensors
-        mask, length, scale = ctx.mask, q.shape[2], q.shape[-1] ** -0.5
+        scale = q.shape[-1] ** -0.5
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         delta = (d_out * out).sum(-1, keepdim=True)
-        b = torch.arange(q.shape[0], device=q.device)[:, None, None]
-        for i in range(-(-length // TILE)):
-            qs = slice(i * TILE, min((i + 1) * TILE, length))
-            keys = _tile_keys(mask, i)
-            qpos = torch.arange(qs.start, qs.stop, device=q.device)
-            allowed = mask.tables.allowed(b, qpos[None, :, None], keys[None, None, :])[:, None]
+        for qs, keys, allowed in _rows(ctx.mask, q):
             kc, vc = k[:, :, keys], v[:, :, keys]
             s = ((q[:, :, qs] @ kc.transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))
             p = torch.softmax(s, dim=-1)
-            dv.index_add_(2, keys, p.transpose(-1, -2) @ d_out[:, :, qs])
+            _add(dv, keys, p.transpose(-1, -2) @ d_out[:, :, qs])
             ds = p * (d_out[:, :, qs] @ vc.transpose(-1, -2) - delta[:, :, qs]) * scale
             dq[:, :, qs] = ds @ kc
-            dk.index_add_(2, keys, ds.transpose(-1, -2) @ q[:, :, qs])
+            _add(dk, keys, ds.transpose(-1, -2) @ q[:, :, qs])
         return dq, dk, dv, None, None
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SparseMask, compile_mode: str = "auto"
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """`videoar.sparse_kernel`: auto = compiled flex on CUDA, the tiled SDPA path elsewhere (compiled flex on CPU
+    is ~3x slower per FLOP than SDPA's flash kernel, benchmarks/attention_memory.py)."""
+    if kernel not in SPARSE_KERNELS:
+        raise ValueError(f"sparse attention kernel {kernel!r} is not one of {list(SPARSE_KERNELS)}")
+    return ("flex" if device.type == "cuda" else "tiled") if kernel == "auto" else kernel
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SparseMask, kernel: str = "auto"
            ) -> torch.Tensor:
-    """Block-sparse attention over (B, H, L, hd) (compiled per `compile_mode`). On CUDA flex's own backward; on
-    other devices, when a gradient is needed, flex forward + the tiled backward."""
-    if q.device.type == "cuda" or not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad
-                                                                        or v.requires_grad):
-        return _flex(q, k, v, mask, compile_mode)
-    return _FlexWithTiledBackward.apply(q, k, v, mask, compile_mode)
+    """Block-sparse attention over (B, H, L, hd) with `kernel` (`resolve_kernel`). On CUDA flex's own backward;
+    elsewhere, when a gradient is needed, the tiled backward."""
+    kernel = resolve_kernel(kernel, q.device)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if kernel != "tiled" and q.device.type == "cuda":
+        return _flex(q, k, v, mask, kernel)
+    if kernel != "tiled" and not needs_grad:  # flex off CUDA refuses inputs that require grads, even unused
+        return _flex(q.detach(), k.detach(), v.detach(), mask, kernel)
+    if kernel == "tiled" and not needs_grad:
+        return _tiled_forward(q, k, v, mask)
+    return _TiledBackward.apply(q, k, v, mask, kernel)

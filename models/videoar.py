@@ -82,7 +82,7 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: VideoARConfig):
         super().__init__()
-        self.heads, self.head_dim, self.flex_compile = cfg.heads, cfg.head_dim, cfg.flex_compile
+        self.heads, self.head_dim, self.sparse_kernel = cfg.heads, cfg.head_dim, cfg.sparse_kernel
         # qkv output is laid out (heads, 3, head_dim) so a column split by heads keeps each head's q, k, v together
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=False)
         self.proj = nn.Linear(cfg.width, cfg.width, bias=False)
@@ -98,7 +98,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if isinstance(mask, SparseMask):
-            out = attend(q, k, v, mask, self.flex_compile)
+            out = attend(q, k, v, mask, self.sparse_kernel)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
