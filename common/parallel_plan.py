@@ -22,6 +22,11 @@ class ParallelPlan:
     last_stage: tuple[str, ...] = ()  # ... only the last
     no_weight_decay: tuple[str, ...] = ()  # parameter-name parts without weight decay (1-D parameters never have it)
     hidden_size: int = 0  # the model width (sizes DeepSpeed's communication buckets)
+    # context parallelism: the attention module inside a block, whose `attend(q, k, v, mask)` (B, H, N, hd) runs
+    # on the whole sequence; everything else in a block is per token. The model's `sequence_slice` attribute is
+    # the token range this rank holds (set by parallel/cp.py).
+    attention: str = ""
+    heads: int = 0
 
     @property
     def tp_split(self) -> dict[str, int]:

@@ -97,11 +97,15 @@ class Attention(nn.Module):
         q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if isinstance(mask, SparseMask):
-            out = attend(q, k, v, mask, self.sparse_kernel)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.attend(q, k, v, mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+        """(B, H, N, hd) attention over the whole sequence: SDPA with a dense mask or the block-sparse kernel.
+        Context parallelism (parallel/cp.py) wraps it per instance with its all-to-all re-layout."""
+        if isinstance(mask, SparseMask):
+            return attend(q, k, v, mask, self.sparse_kernel)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class SwiGLU(nn.Module):
@@ -170,6 +174,7 @@ class VideoAR(nn.Module):
         self.norm = nn.RMSNorm(w, eps=1e-6)
         self.head = nn.Linear(w, 2 * latent_dim)
         self.checkpoint_blocks = False  # activation checkpointing (parallel.activation_checkpointing)
+        self.sequence_slice: slice | None = None  # context parallel: this rank's tokens of the full sequence
         self.reset_parameters()
 
     def reset_parameters(self, names: set[str] | None = None) -> None:
@@ -267,7 +272,8 @@ class VideoAR(nn.Module):
                 *, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Bit logits (B, L_video, d, 2) for every video token, under the layout's block-causal rule with the
         Random Frame Mask's `visibility` (B, T, T) when given (`attention_mask`). `mask`: an explicit dense
-        (L, L) / (B, L, L) bool mask instead (sdpa only; tests)."""
+        (L, L) / (B, L, L) bool mask instead (sdpa only; tests). With a `sequence_slice` (context parallel) the
+        logits of the video tokens in this rank's slice only."""
         lt = self.tensors(layout)
         n_video = layout.length - layout.prefix_len
         if features.shape[1:] != (n_video, self.latent_dim):
@@ -281,8 +287,12 @@ class VideoAR(nn.Module):
             if self.cfg.attention != "sdpa" or visibility is not None:
                 raise ValueError("an explicit dense mask needs videoar.attention=sdpa and no visibility table")
             mask = self.masked_keys(mask, keep)
-        x = self.run_blocks(self.blocks, x, lt.angles, mask)
-        return self.logits(x[:, layout.prefix_len:])
+        angles, P = lt.angles, layout.prefix_len
+        if self.sequence_slice is not None:  # context parallel: this rank's tokens (attention sees them all)
+            sl = self.sequence_slice
+            x, angles, P = x[:, sl], angles[sl], max(0, P - sl.start)
+        x = self.run_blocks(self.blocks, x, angles, mask)
+        return self.logits(x[:, P:])
 
     def attention_mask(self, layout: SequenceLayout, batch: int, visibility: torch.Tensor | None,
                        keep: torch.Tensor | None):
@@ -303,7 +313,8 @@ class VideoAR(nn.Module):
         return ParallelPlan(
             blocks="blocks", column_parallel=("attn.qkv", "mlp.gate", "mlp.up"), row_parallel=("attn.proj", "mlp.down"),
             tp_shared=("attn.q_norm", "attn.k_norm"),
-            tp_divisible=(("videoar.heads", cfg.heads), ("the MLP width", cfg.mlp_hidden)),
+            tp_divisible=(("videoar.heads", cfg.heads), ("the MLP width", cfg.mlp_hidden)), attention="attn",
+            heads=cfg.heads,
             first_stage=("cond_proj", "class_embed", "null_prefix", "sos_embed", "scale_embed", "input_proj"),
             last_stage=("norm", "head"), no_weight_decay=("embed",), hidden_size=cfg.width)
 

@@ -101,6 +101,31 @@ def all_reduce_packed(tensors: list[torch.Tensor], group=None, op: str = "sum") 
     return out
 
 
+def all_to_all(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Differentiable all-to-all over `group` along dim 0: chunk j of this rank's tensor goes to rank j, the result
+    holds chunk `rank` of every rank in rank order (its backward is the reverse exchange). Context parallelism's
+    sequence <-> heads re-layout (parallel/cp.py). `tensor` must be on the group's device."""
+    if not initialized():
+        return tensor
+    from torch.distributed.nn.functional import all_to_all_single
+
+    out = torch.empty_like(tensor)
+    return all_to_all_single(out, tensor.contiguous(), group=group)
+
+
+def new_group(ranks: list[int]):
+    """A process group of `ranks` (every rank must call it, in the same order, for every group)."""
+    return dist.new_group(ranks)
+
+
+def group_rank(group=None) -> int:
+    return dist.get_rank(group) if initialized() else 0
+
+
+def group_size(group=None) -> int:
+    return dist.get_world_size(group) if initialized() else 1
+
+
 def max_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Each value's maximum over all ranks (one all-reduce)."""
     if not initialized():
