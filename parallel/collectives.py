@@ -107,10 +107,9 @@ def all_to_all(tensor: torch.Tensor, group=None) -> torch.Tensor:
     sequence <-> heads re-layout (parallel/cp.py). `tensor` must be on the group's device."""
     if not initialized():
         return tensor
-    from torch.distributed.nn.functional import all_to_all_single
+    from torch.distributed._functional_collectives import all_to_all_single
 
-    out = torch.empty_like(tensor)
-    return all_to_all_single(out, tensor.contiguous(), group=group)
+    return all_to_all_single(tensor.contiguous(), None, None, group)  # functional: waits on first use
 
 
 def new_group(ranks: list[int]):
