@@ -141,6 +141,37 @@ class BitObjective:
         """(token loss sums, token correct sums)."""
         return stats[:self.tokens], stats[self.tokens:]
 
+    def sliced(self, video: slice, scale: float) -> "SlicedBitObjective":
+        """The objective of a context-parallel rank holding video tokens `video` (parallel/cp.py)."""
+        return SlicedBitObjective(self, video, scale)
+
+
+@dataclass(frozen=True)
+class SlicedBitObjective:
+    """A context-parallel rank's part of `BitObjective`: the loss over its video tokens times `scale` (its share
+    of the sample's mean), statistics full-size with zeros outside its tokens (summed over the cp group)."""
+
+    base: BitObjective
+    video: slice
+    scale: float
+
+    @property
+    def stats_size(self) -> int:
+        return self.base.stats_size
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.base.token_weights
+        loss, token_loss, token_correct = bit_loss(logits, targets[:, self.video].bool(),
+                                                   None if w is None else w[self.video])
+        n = self.base.tokens
+        stats = token_loss.new_zeros(2 * n)
+        stats[self.video] = token_loss
+        stats[n + self.video.start:n + self.video.stop] = token_correct
+        return loss * self.scale, stats
+
+    def split_stats(self, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base.split_stats(stats)
+
 
 def breakdown(token_loss: torch.Tensor, token_correct: torch.Tensor, samples: int, latent_dim: int,
               frame_ids: torch.Tensor, scale_ids: torch.Tensor) -> dict[str, float]:

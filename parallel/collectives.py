@@ -31,6 +31,15 @@ def data_parallel_group():
     return _ps().get_data_parallel_group()
 
 
+def context_parallel_group():
+    return _ps().get_context_parallel_group()
+
+
+def data_context_parallel_group():
+    """dp x cp: the ranks holding the same parameters, whose gradients are averaged."""
+    return _ps().get_data_parallel_group(with_context_parallel=True)
+
+
 def tensor_parallel_group():
     return _ps().get_tensor_model_parallel_group()
 

@@ -29,7 +29,8 @@ from common.job_config import ParallelConfig
 from common.parallel_plan import ParallelPlan
 from parallel import checkpoint_format as fmt
 from parallel.collectives import all_reduce, all_reduce_packed, data_parallel_group, model_parallel_group
-from parallel.collectives import pipeline_group
+from parallel.collectives import context_parallel_group, data_context_parallel_group, pipeline_group
+from parallel.cp import apply_context_parallel, local_loss_scale, local_video_slice, set_sequence
 from parallel.grad_buckets import GradBuckets
 from parallel.optim import param_groups, warmup_cosine
 from parallel.pipeline import make_schedule, split_for_pipeline
@@ -42,6 +43,9 @@ class Objective(Protocol):
     stats_size: int
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    # context parallel: the part of a rank holding video tokens `video`, loss times `scale`, full-size statistics
+    def sliced(self, video: slice, scale: float) -> "Objective": ...
 
 
 class Engine(Protocol):
@@ -146,8 +150,15 @@ class TorchEngine:
             self.module = split_for_pipeline(model, plan, blocks, topo.pp_rank)
         self.opt, self.sched = optimizer_and_schedule(self.module, plan, tcfg, total_steps)
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
-        self.grad_buckets = GradBuckets(self.params, data_parallel_group(), topo.dp) if topo.dp > 1 else None
+        replicas = topo.dp * topo.cp  # ranks holding the same parameters: their gradients are averaged
+        self.grad_buckets = None
+        if replicas > 1:
+            group = data_context_parallel_group() if topo.cp > 1 else data_parallel_group()
+            self.grad_buckets = GradBuckets(self.params, group, replicas)
         self.parallel_layout = {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "zero_stage": 0}
+        if topo.cp > 1:
+            self.parallel_layout["cp"] = topo.cp
+            apply_context_parallel(model, plan, topo.cp, topo.cp_rank, context_parallel_group())
         self._schedules: dict = {}
 
     @property
@@ -158,6 +169,8 @@ class TorchEngine:
         pass
 
     def _forward(self, mb) -> torch.Tensor:
+        if self.topo.cp > 1:  # this rank's tokens of the micro-batch's sequence
+            set_sequence(self.model, mb.static.length, self.topo.cp, self.topo.cp_rank)
         if self.tcfg.precision != "bf16":
             return self.model(*mb.model_args())
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
@@ -179,8 +192,9 @@ class TorchEngine:
                 self.grad_buckets.arm()  # the last micro-batch: reduce buckets while backward runs
             (poison_if_nonfinite(loss) / total).backward()
 
-        return combine_groups([run_micro_batches(self._forward, micro, obj, backward) for micro, obj in groups],
-                              groups)
+        loss, stats = combine_groups([run_micro_batches(self._forward, micro, self._local(obj, micro), backward)
+                                      for micro, obj in groups], groups)
+        return self._over_cp(loss, stats)
 
     def evaluate(self, micro: list, objective: Objective) -> torch.Tensor:
         """Forward only: statistic sums over `micro` (shared with the whole pipeline group under pp)."""
@@ -188,7 +202,25 @@ class TorchEngine:
         if self.topo.pp > 1:
             return self._pipeline(micro, objective, train=False)[1]
         with torch.no_grad():
-            return run_micro_batches(self._forward, micro, objective)[1]
+            stats = run_micro_batches(self._forward, micro, self._local(objective, micro))[1]
+        return self._over_cp(torch.zeros(()), [stats])[1][0]
+
+    def _local(self, objective: Objective, micro: list) -> Objective:
+        """Under context parallelism, the objective of this rank's video tokens (`objective.sliced`); the layout
+        (`static`) gives the sequence and prefix lengths."""
+        if self.topo.cp == 1:
+            return objective
+        static = micro[0].static
+        video = local_video_slice(static.prefix_len, static.length, self.topo.cp, self.topo.cp_rank)
+        n_video = static.length - static.prefix_len
+        return objective.sliced(video, local_loss_scale(video.stop - video.start, n_video, self.topo.cp))
+
+    def _over_cp(self, loss: torch.Tensor, stats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The sample's loss (mean of the ranks' scaled shares) and statistics (sums) over the cp group."""
+        if self.topo.cp == 1:
+            return loss, stats
+        loss, *stats = all_reduce_packed([loss.to(stats[0].device), *stats], context_parallel_group())
+        return loss / self.topo.cp, stats
 
     def _pipeline(self, micro: list, objective: Objective, train: bool = True, total: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,8 @@ class Topology:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    cp: int = 1  # context parallel ranks per sample (parallel/cp.py); dp excludes them
+    cp_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -111,9 +113,11 @@ def loopback_store(rank: int, world: int, timeout: timedelta) -> dist.TCPStore |
                          master_listen_fd=listen.detach() if listen else None)
 
 
-def rank_of(tp_rank: int, dp_rank: int, pp_rank: int, layout: dict[str, int]) -> int:
-    """megatron-core's rank order, which checkpoints assume: rank = tp_rank + tp * (dp_rank + dp * pp_rank)."""
-    return tp_rank + layout["tp"] * (dp_rank + layout["dp"] * pp_rank)
+def rank_of(tp_rank: int, dp_rank: int, pp_rank: int, layout: dict[str, int], cp_rank: int = 0) -> int:
+    """megatron-core's rank order (tp-cp-dp-pp), which checkpoints assume:
+    rank = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank)); cp = 1 for layouts saved without it."""
+    cp = layout.get("cp", 1)
+    return tp_rank + layout["tp"] * (cp_rank + cp * (dp_rank + layout["dp"] * pp_rank))
 
 
 def init_topology(cfg: ParallelConfig, device: str = "cpu") -> Topology:
@@ -121,10 +125,11 @@ def init_topology(cfg: ParallelConfig, device: str = "cpu") -> Topology:
     rank, world, _ = env_rank_world()
     if dist.is_initialized():  # a launcher (e.g. Ray Train) already built the default group
         rank, world = dist.get_rank(), dist.get_world_size()
-    if world == 1 and cfg.tp == 1 and cfg.pp == 1:
+    if world == 1 and cfg.tp == 1 and cfg.pp == 1 and cfg.cp == 1:
         return SINGLE
-    if world % (cfg.tp * cfg.pp):
-        raise ValueError(f"world size {world} is not divisible by parallel.tp x parallel.pp = {cfg.tp} x {cfg.pp}")
+    if world % (cfg.tp * cfg.pp * cfg.cp):
+        raise ValueError(f"world size {world} is not divisible by parallel.tp x pp x cp = {cfg.tp} x {cfg.pp} x "
+                         f"{cfg.cp}")
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device == "cuda" else "gloo")
     if device == "cuda":
         torch.cuda.set_device(rank_device("cuda"))
@@ -137,13 +142,15 @@ def init_topology(cfg: ParallelConfig, device: str = "cpu") -> Topology:
 
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tp, pipeline_model_parallel_size=cfg.pp,
-                                 create_gloo_process_groups=backend != "gloo",
+                                 context_parallel_size=cfg.cp, create_gloo_process_groups=backend != "gloo",
                                  distributed_timeout_minutes=cfg.timeout_s / 60)
-    topo = Topology(rank, world, cfg.tp, cfg.pp, world // (cfg.tp * cfg.pp), ps.get_tensor_model_parallel_rank(),
-                    ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
-    if rank_of(topo.tp_rank, topo.dp_rank, topo.pp_rank, {"tp": topo.tp, "dp": topo.dp}) != rank:
-        raise RuntimeError(f"rank {rank}: megatron-core placed it at tp {topo.tp_rank}, dp {topo.dp_rank}, pp "
-                           f"{topo.pp_rank}, not in the tp-dp-pp order checkpoints assume")
+    topo = Topology(rank, world, cfg.tp, cfg.pp, world // (cfg.tp * cfg.pp * cfg.cp),
+                    ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                    ps.get_data_parallel_rank(), cfg.cp, ps.get_context_parallel_rank())
+    layout = {"tp": topo.tp, "dp": topo.dp, "cp": topo.cp}
+    if rank_of(topo.tp_rank, topo.dp_rank, topo.pp_rank, layout, topo.cp_rank) != rank:
+        raise RuntimeError(f"rank {rank}: megatron-core placed it at tp {topo.tp_rank}, cp {topo.cp_rank}, dp "
+                           f"{topo.dp_rank}, pp {topo.pp_rank}, not in the tp-cp-dp-pp order checkpoints assume")
     return topo
 
 
