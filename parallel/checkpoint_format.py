@@ -12,7 +12,8 @@ when one is corrupted. Shards are loaded with `torch.load(weights_only=True)`: n
 Layout-free slices: every rank saves its model and AdamW state *by parameter name* (the dense model's names,
 tensor-parallel shards as slices along the plan's `tp_split`, saved in the metadata), so any other dp x pp x tp
 layout can rebuild its own slices. Under layout (tp, pp, dp) the ranks with dp_rank 0 together hold every
-parameter once; rank order is megatron-core's: rank = tp_rank + tp * (dp_rank + dp * pp_rank).
+parameter once (cp rank 0 under context parallelism); rank order is megatron-core's:
+rank = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank)).
 """
 
 from __future__ import annotations

@@ -29,11 +29,19 @@ def test_stage_split():
         ParallelConfig(pp=4).blocks_per_stage(3)
 
 
-def test_world_size_must_divide_by_tp_times_pp(monkeypatch):
+def test_world_size_must_divide_by_tp_times_pp_times_cp(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ValueError, match="world size 3 is not divisible by parallel.tp x parallel.pp = 2 x 1"):
+    with pytest.raises(ValueError, match="world size 3 is not divisible by parallel.tp x pp x cp = 2 x 1 x 1"):
         init_topology(ParallelConfig(tp=2))
+    with pytest.raises(ValueError, match=r"tp x pp x cp = 1 x 1 x 2"):
+        init_topology(ParallelConfig(cp=2))
+
+
+def test_cp_with_a_pipeline_or_deepspeed_is_refused_with_the_reason():
+    for kw in ({"pp": 2}, {"zero_stage": 2}):
+        with pytest.raises(ConfigError, match="parallel.cp: cp=2 runs with pp=1 and zero_stage=0 only"):
+            ParallelConfig(cp=2, **kw)
 
 
 def test_slurm_env_is_read(monkeypatch):

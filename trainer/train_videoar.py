@@ -88,6 +88,10 @@ class VideoARTrainer:
                     what = "image_batch" if part.name != s.name else "global_batch - image_batch"
                     raise ValueError(f"curriculum[{s.name}].{what}={part.global_batch} must be a multiple of "
                                      f"micro_batch x data-parallel size = {s.micro_batch} x {self.topo.dp}")
+                length = self.model.layout_for(self.tokenizer.latent_frames(part.frames), part.sizes).length
+                if length % self.topo.cp:  # context parallel: every sequence splits evenly over the cp ranks
+                    raise ValueError(f"curriculum[{part.name}]: {length}-token sequences do not split over "
+                                     f"parallel.cp={self.topo.cp} (prefix + latent frames x tokens per frame)")
         first = self.curriculum.stages[0]
         self.engine = parallelize(self.model, self.plan, self.topo, cfg.parallel, t, self.curriculum.total_steps,
                                   self.device, first.global_batch, first.micro_batch)
