@@ -12,7 +12,7 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel: attention heads and MLP columns split across ranks (megatron-core layers)
     pp: int = 1  # pipeline parallel: transformer blocks split into stages (torch.distributed.pipelining)
     # context (sequence) parallel: each sample's tokens split over cp ranks, Ulysses all-to-all around attention
-    # (parallel/cp.py); needs pp == 1 and zero_stage == 0 (for now), heads / tp divisible by cp
+    # (parallel/cp.py); needs pp == 1 (for now), heads / tp divisible by cp; ZeRO 0-3 reduce over dp x cp
     cp: int = 1
     zero_stage: int = 0  # DeepSpeed ZeRO stage for data parallelism (0 = plain all-reduce); needs pp == 1 if > 0
     pp_schedule: str = "1f1b"  # 1f1b | gpipe
@@ -27,9 +27,9 @@ class ParallelConfig:
         check(self.tp >= 1 and self.pp >= 1, f"{p}.tp/pp", f"must be >= 1, got tp={self.tp} pp={self.pp}")
         check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         check(self.cp >= 1, f"{p}.cp", f"must be >= 1, got {self.cp}")
-        check(self.cp == 1 or (self.pp == 1 and self.zero_stage == 0), f"{p}.cp",
-              f"cp={self.cp} runs with pp=1 and zero_stage=0 only so far (got pp={self.pp}, "
-              f"zero_stage={self.zero_stage}): pipeline stages and DeepSpeed are not wired to the cp group yet")
+        check(self.cp == 1 or self.pp == 1, f"{p}.cp",
+              f"cp={self.cp} runs with pp=1 only so far (got pp={self.pp}): pipeline stages are not wired to the "
+              "cp group yet")
         check(self.zero_stage == 0 or self.pp == 1, f"{p}.zero_stage",
               f"ZeRO stage {self.zero_stage} with pp={self.pp} is not supported: the DeepSpeed engine cannot drive "
               "torch.distributed.pipelining stages (ZeRO-2/3 never pair with pipelining, as in Megatron-DeepSpeed); "

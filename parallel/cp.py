@@ -88,3 +88,27 @@ def local_loss_scale(local_tokens: int, total_tokens: int, cp: int) -> float:
     """Factor on a rank's mean loss over its `local_tokens` so that the mean over the cp group of the scaled
     losses (what averaging gradients over dp x cp computes) is the sample's mean over `total_tokens`."""
     return cp * local_tokens / total_tokens
+
+
+def local_objective(objective, micro: list, cp: int, cp_rank: int, share: float = 1.0):
+    """The objective of this rank's video tokens (`objective.sliced`), its loss scaled so that averaging the
+    gradients over dp x cp (`share` = 1: our engine) or summing them over cp and averaging over dp (`share` =
+    1 / cp: DeepSpeed-Ulysses' convention) gives the sample mean's. The micro-batches' layout (`static`) gives
+    the sequence and prefix lengths."""
+    if cp == 1:
+        return objective
+    static = micro[0].static
+    video = local_video_slice(static.prefix_len, static.length, cp, cp_rank)
+    n_video = static.length - static.prefix_len
+    return objective.sliced(video, share * local_loss_scale(video.stop - video.start, n_video, cp))
+
+
+def reduce_over_cp(loss: torch.Tensor, stats: list[torch.Tensor], cp: int, group, share: float = 1.0
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The sample's loss and statistics from the ranks' parts: the scaled losses averaged (`share` as in
+    `local_objective`), the full-size statistics (zeros outside each rank's tokens) summed."""
+    if cp == 1:
+        return loss, stats
+    from parallel.collectives import all_reduce_packed
+    loss, *stats = all_reduce_packed([loss.to(stats[0].device), *stats], group)
+    return loss / (cp * share), stats

@@ -17,12 +17,18 @@ from parallel import checkpoint_format as fmt
 from parallel.safe_load import WeightsOnlyCheckpointEngine
 from parallel.engine import Objective, clean_name, combine_groups, optimizer_and_schedule, poison_if_nonfinite
 from parallel.engine import run_micro_batches
+from parallel.collectives import context_parallel_group
+from parallel.cp import apply_context_parallel, local_objective, reduce_over_cp, set_sequence
 from parallel.topology import Topology
 
 
 class MegatronMPU:
     """The `mpu` interface DeepSpeed asks for, answered by megatron-core's parallel_state (tensor parallel =
-    DeepSpeed's "model parallel")."""
+    DeepSpeed's "model parallel"; with cp > 1 context parallel = its "sequence parallel", ZeRO partitions and
+    reduces over dp x cp). DeepSpeed probes the sequence functions with hasattr: without cp they do not exist."""
+
+    def __init__(self, cp: int = 1):
+        self.__dict__["cp"] = cp
 
     def __getattr__(self, name: str):
         from megatron.core import parallel_state as ps
@@ -30,6 +36,15 @@ class MegatronMPU:
         mapping = {"get_model_parallel_rank": ps.get_tensor_model_parallel_rank,
                    "get_model_parallel_world_size": ps.get_tensor_model_parallel_world_size,
                    "get_model_parallel_group": ps.get_tensor_model_parallel_group}
+        if self.cp > 1:
+            mapping.update({
+                "get_sequence_parallel_world_size": ps.get_context_parallel_world_size,
+                "get_sequence_parallel_rank": ps.get_context_parallel_rank,
+                "get_sequence_parallel_group": ps.get_context_parallel_group,
+                "get_sequence_data_parallel_group": lambda: ps.get_data_parallel_group(with_context_parallel=True),
+                "get_sequence_data_parallel_world_size":
+                    lambda: ps.get_data_parallel_world_size(with_context_parallel=True),
+                "get_sequence_data_parallel_rank": lambda: ps.get_data_parallel_rank(with_context_parallel=True)})
         if name in mapping:
             return mapping[name]
         return getattr(ps, name)
@@ -72,11 +87,14 @@ class DeepSpeedEngine:
         self.topo, self.tcfg, self.device, self.model = topo, tcfg, device, model
         opt, sched = optimizer_and_schedule(model, plan, tcfg, total_steps)
         self.engine, self.opt, _, self.sched = deepspeed.initialize(
-            model=model, optimizer=opt, lr_scheduler=sched, mpu=MegatronMPU(),
+            model=model, optimizer=opt, lr_scheduler=sched, mpu=MegatronMPU(topo.cp),
             config=deepspeed_config(pcfg, tcfg, topo, global_batch, micro_batch, device.type, plan.hidden_size))
         self.module = self.engine.module
         self.engine.checkpoint_engine = WeightsOnlyCheckpointEngine(self.engine.checkpoint_engine)  # untrusted files
         self.parallel_layout = {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "zero_stage": pcfg.zero_stage}
+        if topo.cp > 1:
+            self.parallel_layout["cp"] = topo.cp
+            apply_context_parallel(model, plan, topo.cp, topo.cp_rank, context_parallel_group())
 
     @property
     def lr(self) -> float:
@@ -99,14 +117,30 @@ class DeepSpeedEngine:
             self.engine.backward(poison_if_nonfinite(loss))  # scaled by 1/accumulation inside
             self.engine.step()  # updates only at the accumulation boundary
 
-        forward = lambda mb: self.engine(*mb.model_args())  # noqa: E731
-        return combine_groups([run_micro_batches(forward, micro, obj, backward) for micro, obj in groups], groups)
+        loss, stats = combine_groups([run_micro_batches(self._forward, micro, self._local(obj, micro), backward)
+                                      for micro, obj in groups], groups)
+        return self._over_cp(loss, stats)
+
+    def _forward(self, mb) -> torch.Tensor:
+        if self.topo.cp > 1:  # this rank's tokens of the micro-batch's sequence
+            set_sequence(self.model, mb.static.length, self.topo.cp, self.topo.cp_rank)
+        return self.engine(*mb.model_args())
+
+    # DeepSpeed sums gradients over its sequence-parallel ranks and averages over dp: a rank's loss share is 1/cp
+    # of what our engine uses
+    def _local(self, objective: Objective, micro: list) -> Objective:
+        return local_objective(objective, micro, self.topo.cp, self.topo.cp_rank, share=1 / self.topo.cp)
+
+    def _over_cp(self, loss: torch.Tensor, stats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        group = context_parallel_group() if self.topo.cp > 1 else None
+        return reduce_over_cp(loss, stats, self.topo.cp, group, share=1 / self.topo.cp)
 
     def evaluate(self, micro: list, objective: Objective) -> torch.Tensor:
         """Forward only (ZeRO-3 gathers the parameters as in training): statistic sums."""
         self.engine.eval()
         with torch.no_grad():
-            return run_micro_batches(lambda mb: self.engine(*mb.model_args()), micro, objective)[1]
+            stats = run_micro_batches(self._forward, micro, self._local(objective, micro))[1]
+        return self._over_cp(torch.zeros(()), [stats])[1][0]
 
     def step(self) -> tuple[float, bool]:
         """The update already happened at the accumulation boundary; DeepSpeed itself skips a step with a

@@ -30,7 +30,7 @@ from common.parallel_plan import ParallelPlan
 from parallel import checkpoint_format as fmt
 from parallel.collectives import all_reduce, all_reduce_packed, data_parallel_group, model_parallel_group
 from parallel.collectives import context_parallel_group, data_context_parallel_group, pipeline_group
-from parallel.cp import apply_context_parallel, local_loss_scale, local_video_slice, set_sequence
+from parallel.cp import apply_context_parallel, local_objective, reduce_over_cp, set_sequence
 from parallel.grad_buckets import GradBuckets
 from parallel.optim import param_groups, warmup_cosine
 from parallel.pipeline import make_schedule, split_for_pipeline
@@ -206,21 +206,11 @@ class TorchEngine:
         return self._over_cp(torch.zeros(()), [stats])[1][0]
 
     def _local(self, objective: Objective, micro: list) -> Objective:
-        """Under context parallelism, the objective of this rank's video tokens (`objective.sliced`); the layout
-        (`static`) gives the sequence and prefix lengths."""
-        if self.topo.cp == 1:
-            return objective
-        static = micro[0].static
-        video = local_video_slice(static.prefix_len, static.length, self.topo.cp, self.topo.cp_rank)
-        n_video = static.length - static.prefix_len
-        return objective.sliced(video, local_loss_scale(video.stop - video.start, n_video, self.topo.cp))
+        return local_objective(objective, micro, self.topo.cp, self.topo.cp_rank)
 
     def _over_cp(self, loss: torch.Tensor, stats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The sample's loss (mean of the ranks' scaled shares) and statistics (sums) over the cp group."""
-        if self.topo.cp == 1:
-            return loss, stats
-        loss, *stats = all_reduce_packed([loss.to(stats[0].device), *stats], context_parallel_group())
-        return loss / self.topo.cp, stats
+        group = context_parallel_group() if self.topo.cp > 1 else None
+        return reduce_over_cp(loss, stats, self.topo.cp, group)
 
     def _pipeline(self, micro: list, objective: Objective, train: bool = True, total: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
