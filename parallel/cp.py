@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from common.parallel_plan import ParallelPlan
-from parallel.collectives import all_to_all
+from parallel.collectives import all_reduce_packed, all_to_all
 
 
 def sequence_slice(length: int, cp: int, cp_rank: int) -> slice:
@@ -109,6 +109,5 @@ def reduce_over_cp(loss: torch.Tensor, stats: list[torch.Tensor], cp: int, group
     `local_objective`), the full-size statistics (zeros outside each rank's tokens) summed."""
     if cp == 1:
         return loss, stats
-    from parallel.collectives import all_reduce_packed
     loss, *stats = all_reduce_packed([loss.to(stats[0].device), *stats], group)
     return loss / (cp * share), stats
