@@ -146,27 +146,6 @@ def _flex(q, k, v, mask: SparseMask, kernel: str):
     return fn(q, k, v, block_mask=mask.block)
 
 
-def _row_keys(mask: SparseMask, i: int) -> slice | torch.Tensor:
-    """Key positions of the tiles query tile i computes for any sample (real tokens only): a slice when they are
-    a prefix of the sequence (the block-causal rule without a frame mask: no copy), else an index tensor."""
-    cols = mask.tiles[:, i].any(0).nonzero().flatten()
-    keys = (cols[:, None] * TILE + torch.arange(TILE, device=cols.device)).flatten()
-    keys = keys[keys < mask.tables.length]
-    return slice(0, len(keys)) if int(keys[-1]) == len(keys) - 1 else keys
-
-
-def _rows(mask: SparseMask, q: torch.Tensor):
-    """Per query tile: (query slice, key positions, allowed (B, 1, tq, m) bool)."""
-    length, device = q.shape[2], q.device
-    b = torch.arange(q.shape[0], device=device)[:, None, None]
-    for i in range(-(-length // TILE)):
-        qs = slice(i * TILE, min((i + 1) * TILE, length))
-        keys = _row_keys(mask, i)
-        kpos = torch.arange(keys.stop, device=device) if isinstance(keys, slice) else keys
-        qpos = torch.arange(qs.start, qs.stop, device=device)
-        yield qs, keys, mask.tables.allowed(b, qpos[None, :, None], kpos[None, None, :])[:, None]
-
-
 def _span(cols: torch.Tensor, length: int) -> slice | torch.Tensor:
     """Key positions of tile columns `cols` (real tokens only): a slice when contiguous (no copy)."""
     keys = (cols[:, None] * TILE + torch.arange(TILE, device=cols.device)).flatten()
@@ -175,10 +154,26 @@ def _span(cols: torch.Tensor, length: int) -> slice | torch.Tensor:
     return slice(first, first + len(keys)) if len(keys) and int(keys[-1]) == first + len(keys) - 1 else keys
 
 
+def _allowed(mask: SparseMask, qs: slice, keys: slice | torch.Tensor, batch: int, device) -> torch.Tensor:
+    """(B, 1, tq, m) bool: the rule between the queries `qs` and the key positions `keys`."""
+    kpos = torch.arange(keys.start, keys.stop, device=device) if isinstance(keys, slice) else keys
+    qpos = torch.arange(qs.start, qs.stop, device=device)
+    b = torch.arange(batch, device=device)[:, None, None]
+    return mask.tables.allowed(b, qpos[None, :, None], kpos[None, None, :])[:, None]
+
+
+def _rows(mask: SparseMask, q: torch.Tensor):
+    """Per query tile: (query slice, key positions of its computed tiles for any sample, allowed)."""
+    length = q.shape[2]
+    for i in range(-(-length // TILE)):
+        qs = slice(i * TILE, min((i + 1) * TILE, length))
+        keys = _span(mask.tiles[:, i].any(0).nonzero().flatten(), length)
+        yield qs, keys, _allowed(mask, qs, keys, q.shape[0], q.device)
+
+
 def _flash_with_lse(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     """Unmasked attention and its log-sum-exp (B, H, N): the CPU flash kernel SDPA dispatches to."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
-    return out, lse
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
 
 
 def _tiled_forward(q, k, v, mask: SparseMask) -> torch.Tensor:
@@ -186,7 +181,6 @@ def _tiled_forward(q, k, v, mask: SparseMask) -> torch.Tensor:
     unmasked flash kernel, the keys of partial tiles with the rule evaluated on them only, merged by their
     log-sum-exps. Hidden tiles are never touched."""
     out, length, scale = torch.empty_like(q), q.shape[2], q.shape[-1] ** -0.5
-    b = torch.arange(q.shape[0], device=q.device)[:, None, None]
     for i in range(-(-length // TILE)):
         qs = slice(i * TILE, min((i + 1) * TILE, length))
         qi = q[:, :, qs]
@@ -198,9 +192,7 @@ def _tiled_forward(q, k, v, mask: SparseMask) -> torch.Tensor:
         partial = mask.tiles[:, i].any(0) & ~full
         if partial.any():
             keys = _span(partial.nonzero().flatten(), length)
-            kpos = torch.arange(keys.start, keys.stop, device=q.device) if isinstance(keys, slice) else keys
-            qpos = torch.arange(qs.start, qs.stop, device=q.device)
-            allowed = mask.tables.allowed(b, qpos[None, :, None], kpos[None, None, :])[:, None]
+            allowed = _allowed(mask, qs, keys, q.shape[0], q.device)
             s = ((qi @ k[:, :, keys].transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))
             lse = torch.logsumexp(s, dim=-1)
             p = torch.exp(s - lse.nan_to_num(neginf=0.0)[..., None])  # rows without a partial key: p = 0
