@@ -6,7 +6,7 @@ synchronous one, measured side by side in one run.
 1. `dd if=/dev/zero bs=1M conv=fsync` writes as many bytes as one checkpoint shard into --dir: the disk's
    sequential write rate. 2. A synchronous save (`parallel.checkpoint_format`: serialize + hash + write in one pass, fsync, commit)
    of a VideoAR model + AdamW state into the same directory: checkpoint MB/s, and the ratio to dd.
-3. The stall: how long the training loop is blocked by `save` (sync: the whole save; async: the CPU copy of
+3. The stall: how long the training loop is blocked by `save` (sync: the whole save, its shard flushed to disk while it is written; async: the CPU copy of
    the state, `checkpoint.snapshot`, plus starting the writer thread), and how long the training steps that
    run during the background write take compared with steps without a save in flight (on 2 shared cores the
    writer competes with training).
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--dir", type=Path, default=Path("runs/bench-ckpt"), help="on the disk checkpoints use")
-    parser.add_argument("--repeats", type=int, default=3, help="best of N for each measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="best of N for each measurement")
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
     train_step, state = build(args.depth, args.width)
@@ -88,11 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = (args.dir / "step-00000000" / "rank-00000.pt").stat().st_size
     mb = nbytes / 2**20
 
-    dd = max(dd_rate(args.dir, max(1, round(mb))) for _ in range(args.repeats))
+    dds, syncs = [], []
+    for i in range(args.repeats):  # interleaved, so a change in the disk's speed during the run hits both
+        dds.append(dd_rate(args.dir, max(1, round(mb))))
+        syncs.append(_timed(lambda: save(args.dir, i + 1, state())))
+    dd, sync_s = max(dds), min(syncs)
     payload = torch.randint(0, 255, (nbytes,), dtype=torch.uint8).numpy().tobytes()
     sha = nbytes / min(_timed(lambda: hashlib.sha256(payload).hexdigest()) for _ in range(args.repeats))
     xxh = nbytes / min(_timed(lambda: bytes_digest(payload)) for _ in range(args.repeats))
-    sync_s = min(_timed(lambda: save(args.dir, i + 1, state())) for i in range(args.repeats))
 
     step_s = min(_timed(train_step) for _ in range(args.repeats))
     stalls, during = [], []

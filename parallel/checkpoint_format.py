@@ -89,7 +89,7 @@ def write_rank_shard(tmp: Path, name: str, state: dict[str, Any]) -> str:
                 raise writer[0].error from None
             raise
 
-    atomic_write_stream(tmp / name, write, "a checkpoint shard")
+    atomic_write_stream(tmp / name, write, "a checkpoint shard", write_behind=True)
     digest = writer[0].hexdigest()
     atomic_write_text(tmp / (name + DIGEST_SUFFIX), digest)
     return digest
