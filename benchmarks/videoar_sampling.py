@@ -45,7 +45,7 @@ def forward_prefix(model: VideoAR, cond: torch.Tensor, features: torch.Tensor, l
     lt, P, mask = model.tensors(layout), layout.prefix_len, layout_mask(layout)
     x = torch.cat([model.prefix(cond), model.embed_video(features[:, :end - P], lt, 0, end - P)], dim=1)
     for blk in model.blocks:
-        x = blk(x, lt.angles[:end], mask[:end, :end])
+        x = blk(x, lt.rotation[:end], mask[:end, :end])
     return model.logits(x[:, P:])
 
 
@@ -84,7 +84,7 @@ def next_token_loop(model: VideoAR, cond: torch.Tensor, layout) -> int:
         if i == 0:
             x, start, mask = torch.cat([model.prefix(cond), x], dim=1), 0, torch.ones(P + 1, P + 1).tril().bool()
         for j, blk in enumerate(model.blocks):
-            x = blk(x, lt.angles[start:P + i + 1], mask, cache, j)
+            x = blk(x, lt.rotation[start:P + i + 1], mask, cache, j)
         cache.commit(x.shape[1])
         bits = sample_bits(model.logits(x[:, -1:]).float(), 0.0, 1.0)  # (B, 1, D)
         feat, forwards = (bits.float() * 2 - 1) / D**0.5, forwards + 1

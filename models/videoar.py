@@ -24,7 +24,7 @@ from torch import nn
 from models.attention_mask import block_causal_mask
 from models.block_sparse import SparseMask, attend, block_mask
 from models.layout import Block, SequenceLayout
-from models.rope import apply_rope, rope_angles
+from models.rope import apply_rope, rope_angles, rope_rotation
 from common.model_config import VideoARConfig
 from common.parallel_plan import ParallelPlan
 
@@ -89,12 +89,12 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, -1, 3, self.head_dim)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # (B, H, N, hd)
-        q, k = apply_rope(self.q_norm(q), angles), apply_rope(self.k_norm(k), angles)
+        q, k = apply_rope(self.q_norm(q), rotation), apply_rope(self.k_norm(k), rotation)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         out = self.attend(q, k, v, mask)
@@ -127,8 +127,8 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.width, eps=1e-6)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, angles, mask, cache=None, layer=0):
-        x = x + self.attn(self.attn_norm(x), angles, mask, cache, layer)
+    def forward(self, x, rotation, mask, cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), rotation, mask, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -137,6 +137,7 @@ class LayoutTensors:
     """Everything derived from a layout that a forward needs; computed once per layout."""
     scale_ids: torch.Tensor  # (L_video,) scale index per video token
     angles: torch.Tensor  # (L, head_dim/2) RoPE angles, prefix included
+    rotation: torch.Tensor  # (L, head_dim/2) complex e^(i*angles): what the blocks rotate by
     sos: slice  # video-token range of frame 0, scale 0
 
 
@@ -147,7 +148,7 @@ def layout_tensors(layout: SequenceLayout, head_dim: int, base: float, stretch: 
     _, scale = layout.token_ids()
     first = layout.blocks[0]
     angles = rope_angles(layout.positions(stretch, rope), head_dim, base).float()
-    return LayoutTensors(scale[layout.prefix_len:].to(device), angles.to(device),
+    return LayoutTensors(scale[layout.prefix_len:].to(device), angles.to(device), rope_rotation(angles).to(device),
                          slice(0, first.end - layout.prefix_len))
 
 
@@ -287,11 +288,11 @@ class VideoAR(nn.Module):
             if self.cfg.attention != "sdpa" or visibility is not None:
                 raise ValueError("an explicit dense mask needs videoar.attention=sdpa and no visibility table")
             mask = self.masked_keys(mask, keep)
-        angles, P = lt.angles, layout.prefix_len
+        rotation, P = lt.rotation, layout.prefix_len
         if self.sequence_slice is not None:  # context parallel: this rank's tokens (attention sees them all)
             sl = self.sequence_slice
-            x, angles, P = x[:, sl], angles[sl], max(0, P - sl.start)
-        x = self.run_blocks(self.blocks, x, angles, mask)
+            x, rotation, P = x[:, sl], rotation[sl], max(0, P - sl.start)
+        x = self.run_blocks(self.blocks, x, rotation, mask)
         return self.logits(x[:, P:])
 
     def attention_mask(self, layout: SequenceLayout, batch: int, visibility: torch.Tensor | None,
@@ -331,18 +332,18 @@ class VideoAR(nn.Module):
     def stage_blocks(self, layout: SequenceLayout, blocks, x: torch.Tensor, visibility: torch.Tensor,
                      keep: torch.Tensor) -> torch.Tensor:
         mask = self.attention_mask(layout, x.shape[0], visibility.bool(), keep.bool())
-        return self.run_blocks(blocks, x, self.tensors(layout).angles, mask)
+        return self.run_blocks(blocks, x, self.tensors(layout).rotation, mask)
 
     def stage_output(self, layout: SequenceLayout, x: torch.Tensor) -> torch.Tensor:
         return self.logits(x[:, layout.prefix_len:])
 
-    def run_blocks(self, blocks, x: torch.Tensor, angles: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def run_blocks(self, blocks, x: torch.Tensor, rotation: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Full-sequence pass through `blocks`; with `checkpoint_blocks` each block is recomputed in backward."""
         for blk in blocks:
             if self.checkpoint_blocks and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, angles, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, rotation, mask, use_reentrant=False)
             else:
-                x = blk(x, angles, mask)
+                x = blk(x, rotation, mask)
         return x
 
     # -- one block at a time (sampling) ------------------------------------------------------------------------
@@ -379,8 +380,8 @@ class VideoAR(nn.Module):
         if cache.key_keep is not None:
             keep = cache.key_keep[:, :cache.stored + x.shape[1]]
             mask = self.masked_keys(mask, keep) if mask is not None else keep[:, None, None, :]
-        angles = lt.angles[start:block.end]
+        rotation = lt.rotation[start:block.end]
         for i, blk in enumerate(self.blocks):
-            x = blk(x, angles, mask, cache, i)
+            x = blk(x, rotation, mask, cache, i)
         cache.commit(x.shape[1])
         return self.logits(x[:, block.start - start:])
