@@ -54,7 +54,7 @@ def _bytes(tensors) -> int:
     return total
 
 
-def _measure(rank, world, zero, width, depth, out, dtype="fp32"):
+def _measure(rank, world, zero, width, depth, out, dtype="fp32", grad_accum="fp32"):
     from models.quantizer import MultiScaleBitwiseQuantizer, QuantizerConfig
     from models.sequence_inputs import sequence_targets, teacher_forcing_features
     from models.videoar import VideoAR, VideoARConfig
@@ -69,7 +69,7 @@ def _measure(rank, world, zero, width, depth, out, dtype="fp32"):
     if dtype == "bf16":  # DeepSpeed's bf16 mode (the cluster presets'), which the trainer enables on CUDA only
         plain = dse.deepspeed_config
         dse.deepspeed_config = lambda *a, **k: {**plain(*a, **k), "bf16": {"enabled": True}}
-    pcfg = ParallelConfig(zero_stage=zero)
+    pcfg = ParallelConfig(zero_stage=zero, grad_accum_dtype=grad_accum)
     topo = init_topology(pcfg)
     torch.manual_seed(0)
     model = VideoAR(VideoARConfig(preset="custom", depth=depth, width=width, heads=8, cond="class", num_classes=4), 16)
@@ -114,16 +114,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="bf16: DeepSpeed's bf16 mode, as the cluster presets train (ZeRO-0 stays fp32 here: "
                              "the torch engine uses autocast, fp32 weights)")
     parser.add_argument("--dp", type=int, default=2, help="data-parallel ranks (gloo processes)")
+    parser.add_argument("--grad-accum", choices=("fp32", "bf16"), default="fp32",
+                        help="with --dtype bf16: parallel.grad_accum_dtype (DeepSpeed's data_types.grad_accum_dtype)")
     args = parser.parse_args(argv)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for zero in (0, 1, 2, 3):
             out = Path(tmp) / f"zero{zero}.json"
-            run_local(args.dp, _measure, zero, args.width, args.depth, str(out), args.dtype if zero else "fp32")
+            run_local(args.dp, _measure, zero, args.width, args.depth, str(out), args.dtype if zero else "fp32",
+                      args.grad_accum)
             rows[zero] = json.loads(out.read_text())
     psi, base = rows[0]["numel"], rows[0]["total"]
     print(f"VideoAR depth {args.depth} width {args.width}: {psi / 1e6:.1f}M parameters (psi), AdamW, "
-          f"{args.dtype}, dp = {args.dp}; per rank, persistent between steps (gradients are freed after the step)")
+          f"{args.dtype} (gradient accumulation {args.grad_accum}), dp = {args.dp}; per rank, persistent between steps (gradients are freed after the step)")
     print(f"{'layout':<8} {'params MB':>10} {'params+optimizer MB':>20} {'theory MB':>10} {'measured/theory':>16} "
           f"{'ratio to ZeRO-0':>16} {'theory grads MB':>16}")
     for zero, r in rows.items():

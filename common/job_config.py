@@ -15,6 +15,10 @@ class ParallelConfig:
     # (parallel/cp.py); needs pp == 1 (for now), heads / tp divisible by cp; ZeRO 0-3 reduce over dp x cp
     cp: int = 1
     zero_stage: int = 0  # DeepSpeed ZeRO stage for data parallelism (0 = plain all-reduce); needs pp == 1 if > 0
+    # DeepSpeed with bf16 (CUDA): fp32 accumulates micro-batch gradients and reduces them in fp32 (safe with many
+    # micro-batches; ZeRO-1 then runs BF16_Optimizer, which keeps fp32 gradients of the whole model: +4 bytes per
+    # parameter per rank); bf16 reaches the ZeRO paper's memory (benchmarks.zero_memory) at bf16 precision
+    grad_accum_dtype: str = "fp32"
     pp_schedule: str = "1f1b"  # 1f1b | gpipe
     stage_blocks: list[int] | None = None  # blocks per pipeline stage (sum = depth); None = as even as possible
     activation_checkpointing: bool = False  # recompute each block in backward (less memory, ~1/3 more compute)
@@ -35,6 +39,7 @@ class ParallelConfig:
               "torch.distributed.pipelining stages (ZeRO-2/3 never pair with pipelining, as in Megatron-DeepSpeed); "
               "use parallel.zero_stage=0 with pp > 1")
         check_choice(f"{p}.pp_schedule", self.pp_schedule, ("1f1b", "gpipe"))
+        check_choice(f"{p}.grad_accum_dtype", self.grad_accum_dtype, ("fp32", "bf16"))
         check_choice(f"{p}.backend", self.backend, ("auto", "gloo", "nccl"))
         check(self.timeout_s > 0, f"{p}.timeout_s", f"must be > 0, got {self.timeout_s}")
         check(self.data_wait_s > 0, f"{p}.data_wait_s", f"must be > 0, got {self.data_wait_s}")

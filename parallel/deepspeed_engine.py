@@ -65,9 +65,9 @@ def deepspeed_config(pcfg: ParallelConfig, tcfg, topo: Topology, global_batch: i
                               "stage3_param_persistence_threshold": 10 * width},
         "zero_allow_untested_optimizer": True,  # torch.optim.AdamW as the client optimizer
         "bf16": {"enabled": tcfg.precision == "bf16" and device == "cuda"},
-        # bf16 parameters, but gradients accumulated over micro-batches and reduced over 32-64 ranks in fp32
-        # (ZeRO-1 then runs DeepSpeed's BF16_Optimizer; ZeRO-2/3 reduce in fp32 into fp32 partitions)
-        "data_types": {"grad_accum_dtype": "fp32"},
+        # bf16 parameters; gradients accumulated over micro-batches in parallel.grad_accum_dtype (fp32 by default:
+        # ZeRO-1 then runs DeepSpeed's BF16_Optimizer, ZeRO-2/3 reduce into fp32 partitions) and reduced in fp32
+        "data_types": {"grad_accum_dtype": pcfg.grad_accum_dtype},
         "communication_data_type": "fp32",
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

@@ -82,3 +82,8 @@ def test_deepspeed_accumulates_and_communicates_gradients_in_fp32():
     ds = deepspeed_config(cfg.parallel, cfg.videoar_train, SINGLE, 8, 2, "cuda", 64)
     assert ds["bf16"] == {"enabled": True}
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    cfg = load_config(None, TINY + ["parallel.zero_stage=1", "parallel.grad_accum_dtype=bf16"])
+    ds = deepspeed_config(cfg.parallel, cfg.videoar_train, SINGLE, 8, 2, "cuda", 64)
+    assert ds["data_types"] == {"grad_accum_dtype": "bf16"} and ds["communication_data_type"] == "fp32"
+    with pytest.raises(ConfigError, match=r"parallel\.grad_accum_dtype"):
+        load_config(None, TINY + ["parallel.grad_accum_dtype=fp16"])
