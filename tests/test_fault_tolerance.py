@@ -4,6 +4,8 @@ and a hung rank. (The kill -9 chaos test is tests/test_chaos.py; object-store ou
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 
 import pytest
@@ -14,6 +16,7 @@ from tests.conftest import make_cfg
 from parallel.checkpoint_format import committed_steps, read_checkpoint, step_dir
 from common.metrics import read_jsonl
 from parallel.engine import poison_if_nonfinite
+from trainer.checkpointing import AsyncSaver
 from trainer.train_videoar import NonFiniteError, VideoARTrainer
 
 PEAK = "run.peak_flops=1e9"  # skip the start-up GEMM measurement
@@ -211,3 +214,21 @@ def test_a_commit_clears_what_a_dead_save_left_and_keeps_the_last_k(tmp_path):
         ["latest", "step-00000005", "step-00000006"]
     assert (tmp_path / "latest").read_text() == "step-00000006\n"
     assert sorted(p.name for p in (tmp_path / "step-00000006").iterdir()) == ["metadata.json", "rank-00000.pt"]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's; elsewhere niceness is used")
+def test_the_async_writer_runs_at_idle_priority_and_training_keeps_its_own():
+    """The background checkpoint writer (and the write-behind thread it starts) yields the cores to training:
+    SCHED_IDLE for its thread and the threads it starts; the training thread's policy is unchanged."""
+    saver = AsyncSaver()
+
+    def policies() -> tuple[int, int]:
+        seen = []
+        child = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(threading.get_native_id())))
+        child.start()
+        child.join()
+        return os.sched_getscheduler(threading.get_native_id()), seen[0]
+
+    saver.submit(policies)
+    assert saver.wait() == (os.SCHED_IDLE, os.SCHED_IDLE)
+    assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
