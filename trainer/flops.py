@@ -6,66 +6,37 @@ tests/test_flops.py), and `useful`, over the (query, key) pairs the block-causal
 (`visible_pairs`, about half of L x L): the MFU numerator, so that MFU does not read high once a block-sparse
 kernel skips the hidden blocks (torchtitan's MFU > 100% came from counting those). The trainer logs both
 (`model_flops` useful, `model_flops_dense`). Element-wise work (norms, RoPE, softmax, SiLU, biases, embeddings)
-is not counted. The Random Frame Mask's random drops are not subtracted (a structural count).
+is not counted. The Random Frame Mask's random drops are not subtracted (a structural count). The arithmetic
+itself is common/flops_model.py's (shared with the capacity planner, parallel/plan.py); this module applies it to
+a `SequenceLayout` and measures the CPU's peak.
 """
 
 from __future__ import annotations
 
 import torch
 
+from common import flops_model
+from common.gpu_specs import DATASHEET_BF16_FLOPS, datasheet_peak_flops  # noqa: F401 (the MFU denominator's table)
 from models.layout import SequenceLayout
 from models.videoar import VideoARConfig
 from trainer.step_metrics import clock
 
 
+def _shape(layout: SequenceLayout) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+    return layout.prefix_len, layout.num_frames, layout.sizes
+
+
 def visible_pairs(layout: SequenceLayout, window: int = 0) -> int:
-    """(query, key) pairs the block-causal mask allows (models/attention_mask.py): the prefix sees the prefix; a
-    token of (frame t, scale k) sees the prefix, frame t's scales <= k and the history frames (the last `window`
-    ones when window > 0). Computed from the layout, never from an L x L mask."""
-    P, per_frame = layout.prefix_len, layout.tokens_per_frame
-    total, seen_in_frame = P * P, []
-    cum = 0
-    for h, w in layout.sizes:
-        cum += h * w
-        seen_in_frame.append((h * w, cum))
-    for t in range(layout.num_frames):
-        history = min(t, window) if window > 0 else t
-        total += sum(n * (P + cum_k + history * per_frame) for n, cum_k in seen_in_frame)
-    return total
+    """(query, key) pairs the block-causal mask allows (models/attention_mask.py), from the layout
+    (common/flops_model.py), never from an L x L mask."""
+    return flops_model.visible_pairs(*_shape(layout), window)
 
 
 def videoar_gemm_flops(cfg: VideoARConfig, latent_dim: int, layout: SequenceLayout, batch: int = 1,
                        attention: str = "dense", window: int = 0) -> dict[str, int]:
-    """Forward FLOPs per named GEMM, summed over layers, for `batch` sequences of `layout`.
-
-    L = layout.length (condition prefix included) runs through the transformer blocks; only the
-    L - prefix_len video tokens go through `input_proj` and the head. The class condition is an embedding
-    lookup (0 FLOPs); the text condition is a (prefix x text_dim) @ (text_dim x width) projection.
-    `attention`: "dense" (L x L score and value products) or "useful" (the mask's visible pairs, `window`).
-    """
-    if attention not in ("dense", "useful"):
-        raise ValueError(f"attention must be dense or useful, got {attention!r}")
-    L, w, hidden, depth = layout.length, cfg.width, cfg.mlp_hidden, cfg.depth
-    video = layout.length - layout.prefix_len
-
-    def gemm(m: int, n: int, k: int) -> int:
-        return 2 * m * n * k
-
-    pairs = L * L if attention == "dense" else visible_pairs(layout, window)
-    per_layer = {
-        "qkv": gemm(L, 3 * w, w),
-        "attn_scores": 2 * pairs * w,  # q @ k^T, all heads: heads * (pairs x head_dim)
-        "attn_values": 2 * pairs * w,  # softmax @ v
-        "attn_proj": gemm(L, w, w),
-        "mlp_gate": gemm(L, hidden, w),
-        "mlp_up": gemm(L, hidden, w),
-        "mlp_down": gemm(L, w, hidden),
-    }
-    flops = {name: depth * f for name, f in per_layer.items()}
-    flops["input_proj"] = gemm(video, w, latent_dim)
-    flops["cond_proj"] = gemm(layout.prefix_len, w, cfg.text_dim) if cfg.cond == "text" else 0
-    flops["head"] = gemm(video, 2 * latent_dim, w)
-    return {name: batch * f for name, f in flops.items()}
+    """Forward FLOPs per named GEMM, summed over layers, for `batch` sequences of `layout`
+    (common/flops_model.gemm_flops). `attention`: "dense" (L x L) or "useful" (the mask's visible pairs)."""
+    return flops_model.gemm_flops(cfg, latent_dim, *_shape(layout), batch, attention, window)
 
 
 def forward_flops(cfg: VideoARConfig, latent_dim: int, layout: SequenceLayout, batch: int = 1,
@@ -75,25 +46,8 @@ def forward_flops(cfg: VideoARConfig, latent_dim: int, layout: SequenceLayout, b
 
 def train_step_flops(cfg: VideoARConfig, latent_dim: int, layout: SequenceLayout, batch: int = 1,
                      attention: str = "dense", window: int = 0) -> int:
-    """Forward + backward = 3 x forward (backward: one GEMM for the input gradient and one for the weight
-    gradient per forward GEMM). Slightly over the real count: the input features and text states need no
-    gradient, so the input-gradient GEMMs of `input_proj` and `cond_proj` never run (tests/test_flops.py)."""
-    return 3 * forward_flops(cfg, latent_dim, layout, batch, attention, window)
-
-
-# dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s per GPU, no sparsity), matched by substring
-# of torch.cuda.get_device_name(); the MFU denominator on GPUs when run.peak_flops is not given
-DATASHEET_BF16_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
-                        ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
-                        ("A6000", 155e12), ("A10", 125e12), ("L4", 121e12), ("4090", 165e12), ("V100", 125e12))
-
-
-def datasheet_peak_flops(device_name: str) -> float | None:
-    """The datasheet dense bf16 peak of a GPU by name, or None for a GPU not in the table."""
-    for key, flops in DATASHEET_BF16_FLOPS:
-        if key in device_name:
-            return flops
-    return None
+    """Forward + backward = 3 x forward (common/flops_model.train_step_flops)."""
+    return flops_model.train_step_flops(cfg, latent_dim, *_shape(layout), batch, attention, window)
 
 
 def measure_peak_flops(device: str | torch.device = "cpu", n: int = 2048, repeats: int = 3) -> float:
