@@ -2,7 +2,10 @@
 layout-free slices that let any ZeRO-0 layout resume any other, and consolidation into one file. *When* to save
 is the trainer's checkpoint manager (trainer/checkpointing.py); what an engine puts in a shard is the engine's.
 
-`step-00001234/` holds one shard per rank (`rank-00003.pt`) and `metadata.json`, written last.
+`step-00001234/` holds one small shard per rank (`rank-00003.pt`: train state, loader, RNG, scheduler), the
+engines' tensors as a torch.distributed.checkpoint directory `dcp/` (parallel/dcp_format.py: by dense parameter
+name, any layout reads any other, each rank reading about its own share) and `metadata.json`, written last.
+Format 2 (before 2026-12-04: tensors inside the rank shards, or DeepSpeed's own files) is still read.
 
 A step directory is built under a temporary name, each rank fsyncs and hashes its own shard, `metadata.json`
 (format, step, a digest per file with its algorithm, config) is the commit marker, then the directory is renamed into place and `latest` is
@@ -39,11 +42,13 @@ from common.atomic import atomic_write_bytes, atomic_write_stream, atomic_write_
 from common.parallel_plan import tp_split_dim
 from parallel.digests import ALGORITHMS, DIGEST, LEGACY, HashingWriter, bytes_digest, file_digest
 from parallel.safe_load import refusal_reason, verify_deepspeed_dir
-from parallel.collectives import any_rank, broadcast_object, rank as process_rank
+from parallel.collectives import any_rank, broadcast_object, group_size, rank as process_rank
+from parallel.dcp_format import DCP_DIR, ItemCorrupted, item_digests, read_all, save_tensors
 from parallel.topology import rank_of
 
 log = logging.getLogger(__name__)
-FORMAT, FORMAT_VERSION = "videoar-checkpoint", 2
+FORMAT, FORMAT_VERSION = "videoar-checkpoint", 3
+READABLE_VERSIONS = (2, 3)  # 2: tensors in the rank shards (ZeRO-0) or DeepSpeed's own files (ZeRO 1-3)
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 DIGEST_SUFFIX = ".digest"  # a rank's digest of its shard (parallel/digests.py DIGEST), beside it until the commit
 SINGLE = {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 0}  # the parallel layout of one process
@@ -95,19 +100,40 @@ def write_rank_shard(tmp: Path, name: str, state: dict[str, Any]) -> str:
     return digest
 
 
+def write_rank_checkpoint(tmp: Path, name: str, state: dict[str, Any], tensors: dict[str, Any], group) -> None:
+    """One rank's part of a step: its tensors into `dcp/` (a collective over `group`), their digests, then its
+    small shard, whose digest (written last) says this rank is done."""
+    files = save_tensors(tmp, tensors, group)
+    write_digests(files, item_digests(tmp / DCP_DIR, [f for f in files if f.suffix == ".distcp"]))
+    write_rank_shard(tmp, name, state)
+
+
+def write_digests(files: list[Path], items: dict[str, dict[str, str]]) -> None:
+    """`<file>.digest` beside each file this rank wrote (its DCP files), so the commit need not read them; for
+    DCP data files also the digest of every saved chunk (recorded in metadata.json `items`)."""
+    for f in files:
+        digest = file_digest(f)
+        text = json.dumps({"digest": digest, "items": items[f.name]}) if f.name in items else digest
+        atomic_write_text(f.with_name(f.name + DIGEST_SUFFIX), text)
+
+
 def commit_checkpoint(root: str | Path, step: int, tmp: Path, meta: dict[str, Any], keep_last: int = 3) -> Path:
     """After every shard is on disk: hash them, write metadata.json (the commit marker), rename into place,
     point `latest` at it and drop all but the newest `keep_last` steps."""
     root, final = Path(root), step_dir(root, step)
-    sums = {}
+    sums, items = {}, {}
     for f in sorted(tmp.rglob("*")):
         if f.is_file() and not f.name.endswith(DIGEST_SUFFIX):
-            digest = f.with_name(f.name + DIGEST_SUFFIX)
-            sums[str(f.relative_to(tmp))] = digest.read_text().strip() if digest.is_file() else file_digest(f)
+            rel, digest = str(f.relative_to(tmp)), f.with_name(f.name + DIGEST_SUFFIX)
+            text = digest.read_text().strip() if digest.is_file() else file_digest(f)
+            if text.startswith("{"):  # a DCP data file: its digest and its chunks'
+                record = json.loads(text)
+                text, items[rel] = record["digest"], record["items"]
+            sums[rel] = text
     for f in tmp.rglob("*" + DIGEST_SUFFIX):
         f.unlink()
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "digest": DIGEST, "shards": sums,
-              **meta}
+              **({"items": items} if items else {}), **meta}
     atomic_write_text(tmp / "metadata.json", json.dumps(record, indent=1, sort_keys=True))
     if final.exists():  # a re-save of the same step replaces it
         _discard(final)
@@ -152,19 +178,21 @@ def committed_steps(root: str | Path) -> list[int]:
 Wanted = set[str] | Callable[[dict[str, Any]], set[str]] | None
 
 
-def read_checkpoint(directory: str | Path, wanted: Wanted = None
+def read_checkpoint(directory: str | Path, wanted: Wanted = None, share: tuple[int, int] = (0, 1)
                     ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(metadata, top-level .pt shards) of one step directory, every file verified against its checksum;
+    """(metadata, top-level .pt shards) of one step directory, files verified against their checksums;
     `wanted` (a set, or a function of the metadata, e.g. of the layout that saved it) limits which shards are
-    loaded. Each file is read once. Raises ValueError naming the bad file."""
+    loaded. Each file is read once. `share` = (rank, world): this rank verifies the files it loads and every
+    world-th other file (the ranks together verify all of them; `load_latest` falls back when any fails), so no
+    rank reads the whole checkpoint. Raises ValueError naming the bad file."""
     directory = Path(directory)
     meta_path = directory / "metadata.json"
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: expected {FORMAT} v{FORMAT_VERSION}, found "
+    if meta.get("format") != FORMAT or meta.get("format_version") not in READABLE_VERSIONS:
+        raise ValueError(f"{meta_path}: expected {FORMAT} v{list(READABLE_VERSIONS)}, found "
                          f"{meta.get('format')} v{meta.get('format_version')}")
     algorithm = meta.get("digest", LEGACY)  # checkpoints before 2026-12-03: sha256
     if algorithm not in ALGORITHMS:
@@ -172,11 +200,11 @@ def read_checkpoint(directory: str | Path, wanted: Wanted = None
     if callable(wanted):
         wanted = wanted(meta)
     shards = {}
-    for name, digest in meta["shards"].items():
-        path = directory / name
+    for name in files_read(meta, wanted, share):
+        path, digest = directory / name, meta["shards"][name]
         if not path.is_file():
             raise ValueError(f"{path}: missing checkpoint shard")
-        load = path.suffix == ".pt" and path.parent == directory and (wanted is None or name in wanted)
+        load = loaded(name, wanted)
         data = path.read_bytes() if load else None
         if (bytes_digest(data, algorithm) if load else file_digest(path, algorithm)) != digest:
             raise ValueError(f"{path}: checksum mismatch (corrupted or partially written)")
@@ -189,18 +217,38 @@ def read_checkpoint(directory: str | Path, wanted: Wanted = None
     return meta, shards
 
 
-def load_latest(root: str | Path, wanted: Wanted = None
+def loaded(name: str, wanted: set[str] | None) -> bool:
+    return name.endswith(".pt") and "/" not in name and (wanted is None or name in wanted)
+
+
+def files_read(meta: dict, wanted: set[str] | None, share: tuple[int, int]) -> list[str]:
+    """The files of a step one rank reads to load `wanted` and verify its share of the checksums."""
+    rank, world = share
+    per_chunk = meta.get("items", {})  # verified chunk by chunk by the rank that reads it (dcp_format)
+    return [name for i, name in enumerate(sorted(meta["shards"]))
+            if loaded(name, wanted) or (i % world == rank and name not in per_chunk)]
+
+
+def load_latest(root: str | Path, wanted: Wanted = None,
+                then: Callable[[dict, dict], None] | None = None
                 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
     """The newest committed step that verifies, falling back to older ones (with a warning saying why);
     None when there is none. A collective in a multi-rank job: rank 0 lists the steps, each rank reads the shards
-    it needs, and all ranks fall back together when any one fails, so they never resume different steps."""
+    it needs, and all ranks fall back together when any one fails, so they never resume different steps.
+    `then(meta, shards)` (e.g. the engines' DCP load, a collective) runs on a step every rank read; a corrupted
+    chunk found there falls back too (any other error propagates)."""
     steps = broadcast_object(committed_steps(root) if process_rank() == 0 else None)
     for i in range(len(steps) - 1, -1, -1):
         found, error = None, "another rank could not read or verify its shards"
         try:
-            found = read_checkpoint(step_dir(root, steps[i]), wanted)
+            found = read_checkpoint(step_dir(root, steps[i]), wanted, (process_rank(), group_size()))
         except (ValueError, OSError) as e:
             error = str(e)
+        if not any_rank(found is None) and then is not None:
+            try:
+                then(*found)
+            except ItemCorrupted as e:
+                found, error = None, str(e)
         if not any_rank(found is None):
             return found
         fallback = f"falling back to step {steps[i - 1]}" if i else "no older checkpoint: starting afresh"
@@ -263,7 +311,7 @@ def model_shards(meta: dict) -> set[str]:
     """The shards that hold every parameter once under the layout that saved `meta` (none for DeepSpeed ZeRO,
     whose states live in its own files)."""
     layout = meta.get("layout", SINGLE)
-    if layout["zero_stage"]:
+    if layout["zero_stage"] or meta.get("format_version", FORMAT_VERSION) >= 3:  # tensors in dcp/ (or DeepSpeed's)
         return set()
     return {shard_name(r) for stage in source_ranks(layout) for r in stage}
 
@@ -302,6 +350,9 @@ def full_model_state(directory: str | Path, split: dict[str, int] | None = None)
     directory = Path(directory)
     meta, shards = read_checkpoint(directory, wanted=model_shards)  # verifies every file's checksum
     layout = meta.get("layout", SINGLE)
+    if meta["format_version"] >= 3:  # every tensor by dense name in dcp/: read the model's whole
+        model = read_all(directory, meta.get("items"), "model/")
+        return meta, {k.removeprefix("model/"): v for k, v in model.items()}
     if layout["zero_stage"] == 0:
         split = meta.get("tp_split", split)
         if split is None and layout["tp"] > 1:

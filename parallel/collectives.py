@@ -121,9 +121,10 @@ def all_to_all(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return all_to_all_single(tensor.contiguous(), None, None, group)  # functional: waits on first use
 
 
-def new_group(ranks: list[int]):
-    """A process group of `ranks` (every rank must call it, in the same order, for every group)."""
-    return dist.new_group(ranks)
+def new_group(ranks: list[int], backend: str | None = None):
+    """A process group of `ranks` (every rank must call it, in the same order, for every group); `backend`
+    e.g. "gloo" for a CPU-side group beside NCCL (checkpoint planning from a background thread)."""
+    return dist.new_group(ranks, backend=backend)
 
 
 def group_rank(group=None) -> int:

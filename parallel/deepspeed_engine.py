@@ -1,10 +1,13 @@
 """The DeepSpeed ZeRO 1/2/3 engine (pp = 1, any tp) behind the `Engine` interface of parallel/engine.py:
 `deepspeed.initialize` with a config built from our YAML (there is no separate DeepSpeed JSON); the curriculum's
-batch sizes are pushed with its public setters. Checkpoints are DeepSpeed's own (`<step>/deepspeed/`), so they
-resume on the same layout only."""
+batch sizes are pushed with its public setters. Checkpoints hold the fp32 master weights and AdamW moments by
+dense parameter name in the DCP directory every engine writes (parallel/dcp_format.py), gathered per parameter with
+DeepSpeed's `safe_get_full_*` API and loaded with `safe_set_full_*`: a ZeRO 1-3 run resumes under any other layout
+(or the ZeRO-0 engine), and vice versa. Format-2 checkpoints (DeepSpeed's own files) resume on their layout."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from parallel.safe_load import WeightsOnlyCheckpointEngine
 from parallel.engine import Objective, clean_name, combine_groups, optimizer_and_schedule, poison_if_nonfinite
 from parallel.engine import run_micro_batches
 from parallel.collectives import context_parallel_group
+from parallel.dcp_format import local_tensor, tp_slice
 from parallel.cp import apply_context_parallel, local_objective, reduce_over_cp, set_sequence
 from parallel.topology import Topology
 
@@ -84,7 +88,7 @@ class DeepSpeedEngine:
 
         if device.type == "cpu":  # its shared-memory op compiles for ~40 s at first use and is not needed on CPU
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        self.topo, self.tcfg, self.device, self.model = topo, tcfg, device, model
+        self.topo, self.tcfg, self.device, self.model, self.plan = topo, tcfg, device, model, plan
         opt, sched = optimizer_and_schedule(model, plan, tcfg, total_steps)
         self.engine, self.opt, _, self.sched = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, mpu=MegatronMPU(topo.cp),
@@ -150,15 +154,92 @@ class DeepSpeedEngine:
         return (float(norm) if norm is not None else float("nan")), applied
 
     def state_dict(self) -> dict[str, Any]:
-        return {}  # DeepSpeed's own files, written by `save`
+        hparams = [{k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups]
+        return {"optim_hparams": hparams, "scheduler": self.sched.state_dict()}
 
-    def save(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state")
+    def _named(self) -> list[tuple[str, nn.Parameter]]:
+        return [(clean_name(n), p) for n, p in self.module.named_parameters()]
+
+    def _slice(self, name: str, full_local: torch.Tensor) -> Any:
+        return tp_slice(name, full_local, self.plan.tp_split, self.topo.tp, self.topo.tp_rank)
+
+    def _step_value(self) -> torch.Tensor:
+        states = list(self.engine.optimizer.optimizer.state.values())
+        return torch.as_tensor(states[0]["step"] if states else 0, dtype=torch.float32).cpu().clone()
+
+    def _link_optimizer_states(self, create: bool) -> bool:
+        """Whether AdamW has state for ZeRO's flat fp32 partitions (it creates it at the first step; `create`
+        makes zero state as that step would), linked to the parameters' fragments (DeepSpeed does it after its
+        first step) so `safe_*_full_optimizer_state` see it."""
+        zero, base = self.engine.optimizer, self.engine.optimizer.optimizer
+        # ZeRO-3 keeps its flat fp32 partitions out of AdamW's param_groups between steps
+        flat = getattr(zero, "fp32_partitioned_groups_flat", None) or [p for g in base.param_groups for p in g["params"]]
+        if create:
+            for p in flat:
+                if not base.state.get(p):
+                    base.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                     "exp_avg_sq": torch.zeros_like(p)}
+        if not all(base.state.get(p) for p in flat):
+            return False
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, BF16_Optimizer
+            # DeepSpeed links right after stepping its first parameter group, before the others have state
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+        return True
+
+    def checkpoint_tensors(self) -> dict[str, Any]:
+        """Full fp32 weights and moments, one parameter at a time (DeepSpeed all-gathers each over dp); a rank
+        keeps every dp-th parameter, so the dp ranks write disjoint parts and none holds the whole state."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        out, step, moments = {}, self._step_value(), self._link_optimizer_states(create=False)
+        for i, (n, p) in enumerate(self._named()):
+            full = {"model": safe_get_full_fp32_param(p)}
+            full.update({k: safe_get_full_optimizer_state(p, k) if moments else None for k in fmt.MOMENTS})
+            if i % self.topo.dp != self.topo.dp_rank:
+                continue
+            out[f"model/{n}"] = self._slice(n, full["model"].detach().float().cpu())
+            if full[fmt.MOMENTS[0]] is not None:
+                out[f"optim/{n}/step"] = step
+                out.update({f"optim/{n}/{k}": self._slice(n, full[k].detach().float().cpu()) for k in fmt.MOMENTS})
+        return out
+
+    def checkpoint_targets(self, saved: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+        out = {}
+        for n, p in self._named():
+            shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 parameters are partitioned (p.shape is 0)
+            keys = ["model"] + ([f"optim/{n}/{k}" for k in fmt.MOMENTS] if f"optim/{n}/step" in saved else [])
+            for key in keys:
+                out[key if key != "model" else f"model/{n}"] = self._slice(n, torch.zeros(shape))
+            if f"optim/{n}/step" in saved:
+                out[f"optim/{n}/step"] = torch.zeros(())
+        return out
+
+    def load_checkpoint(self, tensors: dict[str, Any], state: dict[str, Any]) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        self._link_optimizer_states(create=any(k.startswith("optim/") for k in tensors))
+        for n, p in self._named():
+            value = local_tensor(tensors[f"model/{n}"])
+            safe_set_full_fp32_param(p, value)
+            with _full(p):
+                p.data.copy_(value.to(p.dtype))  # the module's (low-precision) copy
+            if f"optim/{n}/step" in tensors:
+                for k in fmt.MOMENTS:
+                    safe_set_full_optimizer_state(p, local_tensor(tensors[f"optim/{n}/{k}"]), k)
+        steps = [v for k, v in tensors.items() if k.endswith("/step")]
+        for st in self.engine.optimizer.optimizer.state.values():
+            if steps and "step" in st:
+                st["step"] = steps[0].clone() if torch.is_tensor(st["step"]) else int(steps[0])
+        for group, h in zip(self.engine.optimizer.param_groups, state["optim_hparams"]):
+            group.update(h)
+        self.sched.load_state_dict(state["scheduler"])
 
     def shards_to_read(self, meta: dict) -> set[str]:
         return set()
 
     def load(self, directory: Path, meta: dict, shards: dict[str, dict]) -> None:
+        """A format-2 checkpoint: DeepSpeed's own files, same layout only."""
         saved = meta.get("layout", fmt.SINGLE)
         if saved != self.parallel_layout:
             raise fmt.layout_mismatch(directory, saved, self.parallel_layout)
@@ -173,6 +254,15 @@ class DeepSpeedEngine:
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 return _dense_state(self.module)
         return _dense_state(self.module)
+
+
+def _full(p: nn.Parameter):
+    """The whole parameter inside the block (ZeRO-3 gathers it and re-partitions rank 0's value after)."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+    return contextlib.nullcontext()
 
 
 def _dense_state(module: nn.Module) -> dict[str, torch.Tensor]:

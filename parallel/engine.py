@@ -30,6 +30,7 @@ from common.parallel_plan import ParallelPlan
 from parallel import checkpoint_format as fmt
 from parallel.collectives import all_reduce, all_reduce_packed, data_parallel_group, model_parallel_group
 from parallel.collectives import context_parallel_group, data_context_parallel_group, pipeline_group
+from parallel.dcp_format import local_tensor, tp_slice
 from parallel.cp import apply_context_parallel, local_objective, reduce_over_cp, set_sequence
 from parallel.grad_buckets import GradBuckets
 from parallel.optim import param_groups, warmup_cosine
@@ -59,10 +60,13 @@ class Engine(Protocol):
     def forward_backward(self, groups: list[tuple[list, Objective]]) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
     def evaluate(self, micro: list, objective: Objective) -> torch.Tensor: ...
     def step(self) -> tuple[float, bool]: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def save(self, directory: Path) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...  # small per-rank state (scheduler, optimizer hyper-parameters)
+    # tensors by dense name, this rank's slices (parallel/dcp_format.py); a collective under DeepSpeed
+    def checkpoint_tensors(self) -> dict[str, Any]: ...
+    def checkpoint_targets(self, saved: dict[str, tuple[int, ...]]) -> dict[str, Any]: ...
+    def load_checkpoint(self, tensors: dict[str, Any], state: dict[str, Any]) -> None: ...
     def shards_to_read(self, meta: dict) -> set[str]: ...
-    def load(self, directory: Path, meta: dict, shards: dict[str, dict]) -> None: ...
+    def load(self, directory: Path, meta: dict, shards: dict[str, dict]) -> None: ...  # format 2
     def local_model_state(self) -> dict[str, torch.Tensor]: ...
 
 
@@ -265,17 +269,48 @@ class TorchEngine:
         self.sched.step()
         return norm, True
 
-    # -- checkpoints: by (dense) parameter name, so any ZeRO-0 layout can reload them ---------------------------
+    # -- checkpoints: by (dense) parameter name, so any layout can reload them ---------------------------------
     def state_dict(self) -> dict[str, Any]:
-        names = {id(p): clean_name(n) for n, p in self.module.named_parameters()}
-        optim = {names[id(p)]: dict(self.opt.state[p]) for g in self.opt.param_groups for p in g["params"]
-                 if p in self.opt.state}
         hparams = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
-        return {"model": {names[id(p)]: p.detach() for _, p in self.module.named_parameters()}, "optim": optim,
-                "optim_hparams": hparams, "scheduler": self.sched.state_dict()}
+        return {"optim_hparams": hparams, "scheduler": self.sched.state_dict()}
 
-    def save(self, directory: Path) -> None:
-        pass  # everything is in `state_dict`
+    def _slice(self, name: str, local: torch.Tensor) -> Any:
+        return tp_slice(name, local, self.plan.tp_split, self.topo.tp, self.topo.tp_rank)
+
+    def checkpoint_tensors(self) -> dict[str, Any]:
+        out = {}
+        for name, p in self.module.named_parameters():
+            n = clean_name(name)
+            out[f"model/{n}"] = self._slice(n, p.detach())
+            for k, v in self.opt.state.get(p, {}).items():
+                out[f"optim/{n}/{k}"] = self._slice(n, v) if k in fmt.MOMENTS else v
+        return out
+
+    def checkpoint_targets(self, saved: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+        """Where `load_checkpoint` wants the saved tensors: the parameters themselves, fresh AdamW moments."""
+        out = {}
+        for name, p in self.module.named_parameters():
+            n = clean_name(name)
+            out[f"model/{n}"] = self._slice(n, p.detach())
+            if f"optim/{n}/step" in saved:
+                out[f"optim/{n}/step"] = torch.zeros(saved[f"optim/{n}/step"])  # AdamW keeps it on the CPU
+                for k in fmt.MOMENTS:
+                    out[f"optim/{n}/{k}"] = self._slice(n, torch.zeros_like(p, memory_format=torch.contiguous_format))
+        return out
+
+    def load_checkpoint(self, tensors: dict[str, Any], state: dict[str, Any]) -> None:
+        for name, p in self.module.named_parameters():
+            n = clean_name(name)
+            if f"optim/{n}/step" in tensors:
+                self.opt.state[p] = {k: local_tensor(tensors[f"optim/{n}/{k}"]) for k in ("step",) + fmt.MOMENTS}
+        self._load_schedule(state["optim_hparams"], state["scheduler"])
+
+    def _load_schedule(self, hparams: list[dict], scheduler: dict) -> None:
+        if len(hparams) != len(self.opt.param_groups):
+            raise ValueError(f"checkpoint has {len(hparams)} optimizer groups, this model {len(self.opt.param_groups)}")
+        for group, h in zip(self.opt.param_groups, hparams):
+            group.update(h)
+        self.sched.load_state_dict(scheduler)
 
     def shards_to_read(self, meta: dict) -> set[str]:
         return fmt.model_shards(meta)
@@ -312,11 +347,7 @@ class TorchEngine:
                     # a CPU tensor, as AdamW keeps it when not capturable/fused
                     self.opt.state[p] = {k: (fmt.local_slice(n, v, tp, tp_rank, split).to(p.device, copy=True)
                                              if k in fmt.MOMENTS else v.clone()) for k, v in optim[n].items()}
-        if len(hparams) != len(self.opt.param_groups):
-            raise ValueError(f"checkpoint has {len(hparams)} optimizer groups, this model {len(self.opt.param_groups)}")
-        for group, h in zip(self.opt.param_groups, hparams):
-            group.update(h)
-        self.sched.load_state_dict(scheduler)
+        self._load_schedule(hparams, scheduler)
 
     def local_model_state(self) -> dict[str, torch.Tensor]:
         """This rank's parameters (its tensor-parallel shards, its pipeline stage), dense names."""

@@ -60,3 +60,27 @@ class WeightsOnlyCheckpointEngine:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+# What DCP's `.metadata` (a plain pickle, which DCP's own reader loads with `pickle.load`) may reference: its
+# metadata dataclasses, torch.Size, dtypes, the layout helper and paths; anything else is refused
+_DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module in _DCP_METADATA_MODULES or (module, name) in _DCP_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it pickles {module}.{name}, not a DCP metadata type")
+
+
+def load_dcp_metadata(path: str | Path) -> Any:
+    """A DCP checkpoint's `.metadata`, its own types only (DCP's reader would unpickle anything)."""
+    try:
+        with open(path, "rb") as f:
+            return _DCPMetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: refused: not a DCP metadata file ({refusal_reason(e)})") from None

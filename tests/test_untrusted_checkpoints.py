@@ -1,4 +1,4 @@
-"""Crafted files run no code: a checkpoint shard, a DeepSpeed checkpoint file (resume and consolidation), a
+"""Crafted files run no code: a checkpoint shard, the DCP files of a checkpoint (resume and consolidation), a
 consolidated file and a shard sample, each carrying a pickle payload that would create a file if executed, are
 refused with an error naming the file, and the file never appears."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import tarfile
 from pathlib import Path
 
@@ -71,32 +72,49 @@ def zero1_run(clips_dir, tokenizer_ckpt, tmp_path_factory):
     return root
 
 
+def pickle_payload(marker: Path) -> bytes:
+    """A plain pickle (no torch.save container) whose loading creates `marker`."""
+    return pickle.dumps(Payload(marker))
+
+
 @pytest.mark.slow
-def test_deepspeed_resume_and_consolidation_refuse_a_pickle_payload(zero1_run, clips_dir, tokenizer_ckpt,
-                                                                     tmp_path):
+@pytest.mark.parametrize("target", [".metadata", "__0_0.distcp"])
+def test_dcp_files_with_a_payload_are_refused_on_resume_and_consolidation(target, zero1_run, clips_dir,
+                                                                          tokenizer_ckpt, tmp_path):
+    """A ZeRO-1 run writes its tensors as DCP (`dcp/`): DCP's own reader would `pickle.load` the `.metadata`
+    and would unpickle tensor items without `weights_only` if it ever did. A crafted `.metadata` (plain pickle)
+    and a crafted data file (torch.save of an object) are refused by consolidation and by a resume on both
+    ranks, naming the file, and the payload never runs."""
+    import shutil
+
     from parallel.checkpoint_format import full_model_state
-    from parallel.safe_load import load_deepspeed_file
+    from parallel.dcp_format import item_digests
 
     reports = [json.loads((zero1_run / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["safe_engine"] and r["step"] == 2 and not r["error"] for r in reports)
-    step_dir = zero1_run / "run" / "videoar" / "checkpoints" / "step-00000002"
-    files = sorted(p.relative_to(step_dir).as_posix() for p in (step_dir / "deepspeed").rglob("*.pt"))
-    assert len(files) == 3  # DeepSpeed's model states and one optimizer partition per rank
-    for rel in files:  # what DeepSpeed really writes loads under weights_only (its three types allowed)
-        assert load_deepspeed_file(step_dir / rel, "cpu")
-    meta, model = full_model_state(step_dir)
+    run = tmp_path / "run"
+    shutil.copytree(zero1_run / "run", run)
+    step_dir = run / "videoar" / "checkpoints" / "step-00000002"
+    meta, model = full_model_state(step_dir)  # the genuine checkpoint consolidates
     assert model and all(isinstance(v, torch.Tensor) for v in model.values())
 
     marker = tmp_path / "pwned"
-    optim = next(rel for rel in files if "optim_states" in rel)
-    replace_in_checkpoint(step_dir, optim, payload_bytes(marker))
-    with pytest.raises(ValueError, match="refused"):
+    rel = f"dcp/{target}"
+    data = pickle_payload(marker) if target == ".metadata" else payload_bytes(marker)
+    if target != ".metadata":  # the same length as the genuine file, so every item's byte range holds payload
+        size = (step_dir / rel).stat().st_size
+        data = (data * (size // len(data) + 1))[:size]
+    replace_in_checkpoint(step_dir, rel, data)
+    if target != ".metadata":  # the attacker rewrites the chunks' checksums too, so the bytes reach torch.load
+        meta = json.loads((step_dir / "metadata.json").read_text())
+        meta["items"][rel] = item_digests(step_dir / "dcp", [step_dir / rel])[target]
+        (step_dir / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="refused|dcp"):
         full_model_state(step_dir)
     assert not marker.exists()
-    # resume: both ranks read the checkpoint through the weights-only engine and stop with the error
-    run_local(2, _zero1_train, clips_dir, tokenizer_ckpt, zero1_run / "run", tmp_path)
+    run_local(2, _zero1_train, clips_dir, tokenizer_ckpt, run, tmp_path)
     errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in range(2)]
-    assert any("refused" in e and "optim_states" in e for e in errors), errors
+    assert all("dcp" in e for e in errors), errors
     assert not marker.exists()
 
 

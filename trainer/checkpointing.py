@@ -24,7 +24,8 @@ import torch
 
 from common.atomic import atomic_write_text
 from parallel import checkpoint_format as fmt
-from parallel.collectives import any_rank, barrier, broadcast_object
+from parallel.collectives import any_rank, barrier, broadcast_object, new_group
+from parallel.dcp_format import load_tensors, saved_shapes, snapshot_slices
 from parallel.engine import Engine
 
 log = logging.getLogger("train_videoar")
@@ -82,6 +83,9 @@ class CheckpointManager:
         self.async_save = async_save and engine.supports_async_save
         self.saver = AsyncSaver()
         self.last: Path | None = None  # the newest committed checkpoint
+        # DCP plans over a gloo group of its own: a background save never interleaves with training collectives
+        self.group = new_group(list(range(world)), backend="gloo") if world > 1 else None
+        self.bytes_read = 0  # by this rank at the last resume (benchmarks.resume_io)
 
     def should_save(self, step: int, end: int, stage_switch: bool, preempted: bool) -> bool:
         return preempted or step % self.every == 0 or step == end or stage_switch
@@ -97,11 +101,13 @@ class CheckpointManager:
         previous = self.saver.wait()  # one save in flight at a time
         meta, name = self.metadata(), fmt.shard_name(self.rank)
         tmp = broadcast_object(fmt.begin_checkpoint(self.root, step) if self.rank == 0 else None)
+        tensors = self.engine.checkpoint_tensors()  # in the training thread: a collective under DeepSpeed
         if self.async_save and not final:
             state, names = fmt.snapshot(self.shard()), [fmt.shard_name(r) for r in range(self.world)]
+            tensors = snapshot_slices(tensors)
 
             def write_and_commit() -> Path | None:
-                fmt.write_rank_shard(tmp, name, state)
+                fmt.write_rank_checkpoint(tmp, name, state, tensors, self.group)
                 if self.rank != 0:
                     return None
                 fmt.wait_for_shards(tmp, names, self.timeout_s)
@@ -110,8 +116,8 @@ class CheckpointManager:
             self.saver.submit(write_and_commit)
             self.last = previous or self.last
             return None
-        self._agree_written(step, tmp, lambda: fmt.write_rank_shard(tmp, name, self.shard()))
-        self._agree_written(step, tmp, lambda: self.engine.save(tmp))
+        self._agree_written(step, tmp, lambda: fmt.write_rank_checkpoint(tmp, name, self.shard(), tensors,
+                                                                         self.group))
         barrier()  # every shard is on disk before the commit marker
         committed = fmt.commit_checkpoint(self.root, step, tmp, meta, self.keep_last) if self.rank == 0 else None
         self.last = broadcast_object(committed)
@@ -145,15 +151,26 @@ class CheckpointManager:
         """Restore the newest verified step into the engine and the components (reading the shards the saved
         layout needs plus this rank's own); returns its metadata, or None when there is none. `validate(meta)`
         may refuse it before anything is loaded."""
-        own = fmt.shard_name(self.rank)
-        found = fmt.load_latest(self.root, wanted=lambda meta: self.engine.shards_to_read(meta) | {own})
+        own, first = fmt.shard_name(self.rank), fmt.shard_name(0)
+        wanted = lambda meta: self.engine.shards_to_read(meta) | {own, first}  # noqa: E731
+
+        def load_engine(meta: dict, shards: dict) -> None:  # a collective; a corrupted chunk falls back
+            validate(meta)
+            directory = fmt.step_dir(self.root, meta["step"])
+            self.bytes_read = sum((directory / f).stat().st_size
+                                  for f in fmt.files_read(meta, wanted(meta), (self.rank, self.world)))
+            if meta["format_version"] >= 3:
+                targets = self.engine.checkpoint_targets(saved_shapes(directory))
+                self.bytes_read += load_tensors(directory, targets, self.group, meta.get("items"))
+                self.engine.load_checkpoint(targets, shards.get(first) or shards[own])
+            else:
+                self.engine.load(directory, meta, shards)
+
+        found = fmt.load_latest(self.root, wanted=wanted, then=load_engine)
         if found is None:
             return None
         meta, shards = found
-        validate(meta)
-        directory = fmt.step_dir(self.root, meta["step"])
-        self.engine.load(directory, meta, shards)
-        source = shards.get(fmt.shard_name(0)) or shards[own]  # rank 0's when the layout changed
+        source = shards.get(first) or shards[own]  # rank 0's when the layout changed
         self.train.load_state_dict(source)
         for key, obj in self.states.items():
             obj.load_state_dict(source[key])
