@@ -20,11 +20,12 @@ class Summary:
     shards: int = 0
     bytes: int = 0
     seconds: float = 0.0
-    startup_seconds: float = 0.0  # of `seconds`, until the Ray runtime was up
+    startup_seconds: float = 0.0  # of `seconds`, until the Ray runtime and the encoder workers were up
     total_samples: int = 0
     quarantine: list = field(default_factory=list)
     not_videos: list = field(default_factory=list)  # input files skipped for their extension (sidecars aside)
     encoder_nodes: list = field(default_factory=list)  # addresses of the nodes the encoder actors ran on
+    worker_seconds: dict = field(default_factory=dict)  # busy seconds of all encoder workers: decode, encode, write
 
 
 class Meter:
@@ -32,7 +33,8 @@ class Meter:
     seconds) and a final one, through `common.metrics.MetricSinks` in `<run.dir>/preprocess/`. `step` and
     `inputs_done` count inputs done, including those committed by earlier runs; `clips`, `bytes` (shard bytes
     written), `quarantined` and `shards` count this run's work. Rates are over `work_s`, the time since the Ray
-    runtime was up (`startup_s` before it), so a short job's clips/s is not mostly Ray start-up."""
+    runtime and the encoder workers were up (tokenizers loaded; `startup_s` before), so a short job's clips/s is
+    not mostly start-up."""
 
     def __init__(self, cfg, summary: Summary, t0: float, bar: bool, every_s: float = 2.0):
         self.summary, self.t0, self.every_s, self.last = summary, t0, every_s, float("-inf")

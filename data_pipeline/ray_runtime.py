@@ -46,7 +46,7 @@ def start_ray(ray, p, project_root: str) -> bool:
     if p.ray_address:
         ray.init(address=p.ray_address, runtime_env=env, log_to_driver=False)
     else:
-        with loopback_only_ray():  # scheduling slots, not cores: one per encoder actor plus room for decode tasks
+        with loopback_only_ray():  # scheduling slots, not cores: one per encoder worker, two spare
             ray.init(address="local", num_cpus=p.workers + 2, _node_ip_address="127.0.0.1", include_dashboard=False,
                      runtime_env=env, log_to_driver=False)
     return True
