@@ -2,9 +2,9 @@
 
     python -m parallel.consolidate --ckpt runs/demo/videoar/checkpoints [--step N] --out model.safetensors
 
-Works for any dp x pp x tp layout saved with ZeRO stage 0 (the shards are put back together by parameter name,
-see parallel/checkpoint_format.py) and for DeepSpeed ZeRO 1/2/3 checkpoints with tp = 1 (through DeepSpeed's
-`get_fp32_state_dict_from_zero_checkpoint`). The file holds the dense model's weights and, in its metadata, the
+Works for every layout and ZeRO stage: the weights are read from the step's DCP directory by dense parameter name
+(parallel/dcp_format.py). Format-2 checkpoints: any ZeRO-0 layout (shards put back together by name) and DeepSpeed
+ZeRO 1/2/3 with tp = 1 (through DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`). The file holds the dense model's weights and, in its metadata, the
 run config and step; `python -m trainer.sample --ckpt model.safetensors` reads it directly.
 """
 

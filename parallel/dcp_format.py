@@ -15,10 +15,12 @@ asynchronous save in a background thread never interleaves with training collect
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -108,6 +110,15 @@ def snapshot_slices(tensors: dict[str, Any]) -> dict[str, Any]:
     return {k: copy(v) for k, v in tensors.items()}
 
 
+@contextlib.contextmanager
+def _single_process_quiet(group) -> Iterator[None]:
+    """DCP warns on every single-process save/load that it assumes one process: that is what group None means."""
+    with warnings.catch_warnings():
+        if group is None:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_tensors(step_tmp: Path, tensors: dict[str, Any], group) -> list[Path]:
     """Every rank of `group` calls this with its slices (group None: this process alone); returns the files
     this rank wrote (its `__<rank>_0.distcp`; the coordinator also `.metadata`). A failed write on any rank
@@ -116,7 +127,9 @@ def save_tensors(step_tmp: Path, tensors: dict[str, Any], group) -> list[Path]:
     rank = 0 if group is None else torch.distributed.get_rank(group)
     writer = dcp.FileSystemWriter(directory, single_file_per_rank=True, sync_files=True, thread_count=1)
     try:
-        dcp.save(tensors, storage_writer=writer, planner=_SavePlanner(), process_group=group, no_dist=group is None)
+        with _single_process_quiet(group):
+            dcp.save(tensors, storage_writer=writer, planner=_SavePlanner(), process_group=group,
+                     no_dist=group is None)
     except CheckpointException as e:  # a BaseException: the checkpoint manager's handlers expect OSError
         errors = [err for err, _ in e.failures.values()]
         first = next((err for err in errors if isinstance(err, OSError)), errors[0] if errors else e)
@@ -192,7 +205,9 @@ def load_tensors(step: Path, targets: dict[str, Any], group, items: dict | None 
             raise ValueError(f"{step / DCP_DIR}: {key} has shape {saved[key]}, this model needs {dense_shape(value)}")
     reader = CountingReader(step / DCP_DIR, {Path(k).name: v for k, v in (items or {}).items()})
     try:
-        dcp.load(targets, storage_reader=reader, planner=_LoadPlanner(), process_group=group, no_dist=group is None)
+        with _single_process_quiet(group):
+            dcp.load(targets, storage_reader=reader, planner=_LoadPlanner(), process_group=group,
+                     no_dist=group is None)
     except CheckpointException as e:  # a BaseException; e.g. an item that is not plain tensor data
         first = next(iter(e.failures.values()))[0] if e.failures else e
         if isinstance(first, ItemCorrupted):
