@@ -4,7 +4,8 @@ synchronous one, measured side by side in one run.
     python -m benchmarks.checkpoint_io [--depth 6 --width 512 --dir runs/bench-ckpt]
 
 1. `dd if=/dev/zero bs=1M conv=fsync` writes as many bytes as one checkpoint shard into --dir: the disk's
-   sequential write rate. 2. A synchronous save (`parallel.checkpoint_format`: serialize + hash + write in one pass, fsync, commit)
+   sequential write rate. 2. A synchronous save the trainer's way (`parallel.checkpoint_format.write_rank_checkpoint`: the tensors through
+   torch.distributed.checkpoint, fsynced, hashed per chunk and per file in one read; the small rank shard; commit)
    of a VideoAR model + AdamW state into the same directory: checkpoint MB/s, and the ratio to dd.
 3. The stall: how long the training loop is blocked by `save` (sync: the whole save, its shard flushed to disk while it is written; async: the CPU copy of
    the state, `checkpoint.snapshot`, plus starting the writer thread), and how long the training steps that
@@ -26,7 +27,8 @@ import torch
 
 from models.videoar import VideoAR, VideoARConfig
 from parallel.digests import DIGEST, bytes_digest
-from parallel.checkpoint_format import begin_checkpoint, commit_checkpoint, shard_name, snapshot, write_rank_shard
+from parallel.checkpoint_format import begin_checkpoint, commit_checkpoint, shard_name, write_rank_checkpoint
+from parallel.dcp_format import snapshot_slices
 from trainer.checkpointing import AsyncSaver
 
 
@@ -45,8 +47,8 @@ def build(depth: int, width: int):
         opt.step()
 
     train_step()  # the optimizer state exists
-    state = lambda: {"model": {n: p.detach() for n, p in model.named_parameters()},  # noqa: E731
-                     "optim": {str(i): s for i, s in enumerate(opt.state.values())}}
+    state = lambda: {**{f"model/{n}": p.detach() for n, p in model.named_parameters()},  # noqa: E731
+                     **{f"optim/{i}/{k}": v for i, s in enumerate(opt.state.values()) for k, v in s.items()}}
     return train_step, state
 
 
@@ -61,10 +63,10 @@ def dd_rate(directory: Path, megabytes: int) -> float:
 
 
 def save(root: Path, step: int, state: dict) -> None:
-    """What the trainer's save does on one rank: temp dir, shard (streamed, hashed, fsynced), metadata commit,
-    rename."""
+    """What the trainer's save does on one rank: temp dir, the tensors into DCP (written, fsynced, then every
+    chunk and the file hashed in one read), the small rank shard, metadata commit, rename."""
     tmp = begin_checkpoint(root, step)
-    write_rank_shard(tmp, shard_name(0), state)
+    write_rank_checkpoint(tmp, shard_name(0), {"step": step}, state, None)
     commit_checkpoint(root, step, tmp, {}, keep_last=1)
 
 
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args.dir.mkdir(parents=True, exist_ok=True)
     train_step, state = build(args.depth, args.width)
     save(args.dir, 0, state())  # warm-up, and the shard size
-    nbytes = (args.dir / "step-00000000" / "rank-00000.pt").stat().st_size
+    nbytes = sum(f.stat().st_size for f in (args.dir / "step-00000000").rglob("*") if f.is_file())
     mb = nbytes / 2**20
 
     dds, syncs = [], []
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     saver = AsyncSaver()
     for i in range(args.repeats):
         t0 = time.perf_counter()
-        copy, step = snapshot(state()), 100 + i
+        copy, step = snapshot_slices(state()), 100 + i
         saver.submit(lambda: save(args.dir, step, copy))
         stalls.append(time.perf_counter() - t0)
         steps = 0
@@ -115,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     async_s = min(stalls)
     shutil.rmtree(args.dir, ignore_errors=True)  # the commit empties its trash in a background thread
 
-    params = sum(t.numel() for t in state()["model"].values())
+    params = sum(t.numel() for k, t in state().items() if k.startswith("model/"))
     print(f"VideoAR depth {args.depth} width {args.width}: {params / 1e6:.1f}M parameters + AdamW state: "
           f"shard {mb:.0f} MB, directory {args.dir}")
     print(f"dd sequential write (fsync)      {dd / 2**20:8.1f} MB/s")
     print(f"sha256 of the shard bytes        {sha / 2**20:8.1f} MB/s   (the digest before 2026-12-03)")
-    print(f"{DIGEST} of the shard bytes      {xxh / 2**20:8.1f} MB/s   (the digest now, while torch.save streams)")
+    print(f"{DIGEST} of the shard bytes      {xxh / 2**20:8.1f} MB/s   (the digest now)")
     print(f"checkpoint save (sync, {DIGEST}) {nbytes / sync_s / 2**20:8.1f} MB/s   ratio to dd {nbytes / sync_s / dd:.2f}")
     print(f"training-loop stall: sync save {sync_s * 1e3:.0f} ms, async save {async_s * 1e3:.0f} ms   "
           f"async/sync {async_s / sync_s:.3f}")

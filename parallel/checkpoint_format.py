@@ -43,7 +43,7 @@ from common.parallel_plan import tp_split_dim
 from parallel.digests import ALGORITHMS, DIGEST, LEGACY, HashingWriter, bytes_digest, file_digest
 from parallel.safe_load import refusal_reason, verify_deepspeed_dir
 from parallel.collectives import any_rank, broadcast_object, group_size, rank as process_rank
-from parallel.dcp_format import DCP_DIR, ItemCorrupted, item_digests, read_all, save_tensors
+from parallel.dcp_format import DCP_DIR, ItemCorrupted, chunk_digests, read_all, save_tensors
 from parallel.topology import rank_of
 
 log = logging.getLogger(__name__)
@@ -104,16 +104,19 @@ def write_rank_checkpoint(tmp: Path, name: str, state: dict[str, Any], tensors: 
     """One rank's part of a step: its tensors into `dcp/` (a collective over `group`), their digests, then its
     small shard, whose digest (written last) says this rank is done."""
     files = save_tensors(tmp, tensors, group)
-    write_digests(files, item_digests(tmp / DCP_DIR, [f for f in files if f.suffix == ".distcp"]))
+    write_digests(files, chunk_digests(tmp / DCP_DIR, [f for f in files if f.suffix == ".distcp"]))
     write_rank_shard(tmp, name, state)
 
 
-def write_digests(files: list[Path], items: dict[str, dict[str, str]]) -> None:
+def write_digests(files: list[Path], chunks: dict[str, tuple[str, dict[str, str]]]) -> None:
     """`<file>.digest` beside each file this rank wrote (its DCP files), so the commit need not read them; for
     DCP data files also the digest of every saved chunk (recorded in metadata.json `items`)."""
     for f in files:
-        digest = file_digest(f)
-        text = json.dumps({"digest": digest, "items": items[f.name]}) if f.name in items else digest
+        if f.name in chunks:
+            digest, items = chunks[f.name]
+            text = json.dumps({"digest": digest, "items": items})
+        else:
+            text = file_digest(f)
         atomic_write_text(f.with_name(f.name + DIGEST_SUFFIX), text)
 
 

@@ -88,7 +88,7 @@ def test_dcp_files_with_a_payload_are_refused_on_resume_and_consolidation(target
     import shutil
 
     from parallel.checkpoint_format import full_model_state
-    from parallel.dcp_format import item_digests
+    from parallel.dcp_format import chunk_digests
 
     reports = [json.loads((zero1_run / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["safe_engine"] and r["step"] == 2 and not r["error"] for r in reports)
@@ -107,7 +107,7 @@ def test_dcp_files_with_a_payload_are_refused_on_resume_and_consolidation(target
     replace_in_checkpoint(step_dir, rel, data)
     if target != ".metadata":  # the attacker rewrites the chunks' checksums too, so the bytes reach torch.load
         meta = json.loads((step_dir / "metadata.json").read_text())
-        meta["items"][rel] = item_digests(step_dir / "dcp", [step_dir / rel])[target]
+        meta["items"][rel] = chunk_digests(step_dir / "dcp", [step_dir / rel])[target][1]
         (step_dir / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="refused|dcp"):
         full_model_state(step_dir)

@@ -177,20 +177,15 @@ class CheckpointManager:
         return meta
 
 
-WRITER_NICE = 10  # where SCHED_IDLE is not available: the writer yields the cores to the training threads
+WRITER_NICE = 10  # the background checkpoint writer yields the cores to the training threads
 
 
 def lower_thread_priority(increment: int = WRITER_NICE) -> None:
-    """Lower this thread's CPU priority: Linux's SCHED_IDLE (it runs when a core would otherwise idle; training
-    that blocks on it frees the cores), else niceness + `increment` (per thread on Linux); a no-op where neither
-    is possible. Threads it starts inherit it."""
-    tid = threading.get_native_id()
+    """Lower this thread's CPU priority by `increment` niceness (per thread on Linux; threads it starts inherit
+    it); a no-op where that is not possible. Not SCHED_IDLE: with training keeping every core busy (CPU runs) an
+    idle-class writer never runs, and the checkpoint would wait for the next save to be committed."""
     try:
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        return
-    except (AttributeError, OSError):
-        pass
-    try:
+        tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
     except (AttributeError, OSError):
         pass
