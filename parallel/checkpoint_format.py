@@ -43,7 +43,7 @@ from common.parallel_plan import tp_split_dim
 from parallel.digests import ALGORITHMS, DIGEST, LEGACY, HashingWriter, bytes_digest, file_digest
 from parallel.safe_load import refusal_reason, verify_deepspeed_dir
 from parallel.collectives import any_rank, broadcast_object, group_size, rank as process_rank
-from parallel.dcp_format import DCP_DIR, ItemCorrupted, chunk_digests, read_all, save_tensors
+from parallel.dcp_format import ItemCorrupted, read_all, save_tensors
 from parallel.topology import rank_of
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ def write_rank_shard(tmp: Path, name: str, state: dict[str, Any]) -> str:
     """One shard (e.g. `rank-00003.pt`), fsynced; every rank writes its own, in parallel. torch.save streams
     into the file through a hashing writer (serialize, hash and write in one pass). The digest goes to
     `<name>.digest` after the shard is durable, so its presence means the shard is complete, and the commit need
-    not read the shard back. Returns the digest."""
+    not read the shard back (the digest file itself is not fsynced: it lives only until the commit copies it into
+    metadata.json, which is; a crash before that leaves an uncommitted step, discarded). Returns the digest."""
     writer: list[HashingWriter] = []
 
     def write(f) -> None:
@@ -96,15 +97,15 @@ def write_rank_shard(tmp: Path, name: str, state: dict[str, Any]) -> str:
 
     atomic_write_stream(tmp / name, write, "a checkpoint shard", write_behind=True)
     digest = writer[0].hexdigest()
-    atomic_write_text(tmp / (name + DIGEST_SUFFIX), digest)
+    atomic_write_text(tmp / (name + DIGEST_SUFFIX), digest, durable=False)  # read into the fsynced commit
     return digest
 
 
 def write_rank_checkpoint(tmp: Path, name: str, state: dict[str, Any], tensors: dict[str, Any], group) -> None:
     """One rank's part of a step: its tensors into `dcp/` (a collective over `group`), their digests, then its
     small shard, whose digest (written last) says this rank is done."""
-    files = save_tensors(tmp, tensors, group)
-    write_digests(files, chunk_digests(tmp / DCP_DIR, [f for f in files if f.suffix == ".distcp"]))
+    files, digests = save_tensors(tmp, tensors, group)  # hashed while written
+    write_digests(files, digests)
     write_rank_shard(tmp, name, state)
 
 
@@ -117,7 +118,7 @@ def write_digests(files: list[Path], chunks: dict[str, tuple[str, dict[str, str]
             text = json.dumps({"digest": digest, "items": items})
         else:
             text = file_digest(f)
-        atomic_write_text(f.with_name(f.name + DIGEST_SUFFIX), text)
+        atomic_write_text(f.with_name(f.name + DIGEST_SUFFIX), text, durable=False)
 
 
 def commit_checkpoint(root: str | Path, step: int, tmp: Path, meta: dict[str, Any], keep_last: int = 3) -> Path:

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadat
 from torch.distributed.checkpoint.planner import TensorProperties, TensorWriteData, WriteItem, WriteItemType
 
 from common.parallel_plan import tp_split_dim
+from parallel.dcp_writer import Digests, DigestingWriter
 from parallel.digests import bytes_digest, new_hasher
 from parallel.safe_load import load_dcp_metadata, refusal_reason
 
@@ -120,13 +121,14 @@ def _single_process_quiet(group) -> Iterator[None]:
         yield
 
 
-def save_tensors(step_tmp: Path, tensors: dict[str, Any], group) -> list[Path]:
+def save_tensors(step_tmp: Path, tensors: dict[str, Any], group) -> tuple[list[Path], Digests]:
     """Every rank of `group` calls this with its slices (group None: this process alone); returns the files
-    this rank wrote (its `__<rank>_0.distcp`; the coordinator also `.metadata`). A failed write on any rank
-    raises OSError naming the directory on every rank (DCP gathers the failures)."""
+    this rank wrote (its `__<rank>_0.distcp`; the coordinator also `.metadata`) and its data files' digests
+    ({file name: (file digest, {offset: chunk digest})}, hashed while written: parallel/dcp_writer.py). A failed
+    write on any rank raises OSError naming the directory on every rank (DCP gathers the failures)."""
     directory = step_tmp / DCP_DIR
     rank = 0 if group is None else torch.distributed.get_rank(group)
-    writer = dcp.FileSystemWriter(directory, single_file_per_rank=True, sync_files=True, thread_count=1)
+    writer = DigestingWriter(directory, single_file_per_rank=True, sync_files=True, thread_count=1)
     try:
         # the zip CRC32 of every item would cost as much as the write; the chunk digests cover every byte
         with _single_process_quiet(group), serialization_config.patch({"save.compute_crc32": False}):
@@ -138,17 +140,21 @@ def save_tensors(step_tmp: Path, tensors: dict[str, Any], group) -> list[Path]:
         raise OSError(getattr(first, "errno", None), f"DCP save failed on ranks {sorted(e.failures)}: {first}",
                       str(directory)) from None
     mine = sorted(directory.glob(f"__{rank}_*.distcp"))
-    return mine + ([directory / ".metadata"] if rank == 0 else [])
+    digests = writer.digests
+    if digests is None or set(digests) != {f.name for f in mine}:  # DCP wrote differently: read them back
+        digests = chunk_digests(directory, mine)
+    return mine + ([directory / ".metadata"] if rank == 0 else []), digests
 
 
 class ItemCorrupted(ValueError):
     """A saved chunk's bytes do not match the digest its writer recorded."""
 
 
-def chunk_digests(directory: Path, files: list[Path]) -> dict[str, tuple[str, dict[str, str]]]:
-    """{file name: (digest of the file, {byte offset: digest of the saved chunk there})} of `files` (this rank's,
-    after `save_tensors`), in one sequential read of each: a rank that later reads a chunk verifies exactly those
-    bytes, and no rank has to read whole files."""
+def chunk_digests(directory: Path, files: list[Path]) -> Digests:
+    """{file name: (digest of the file, {byte offset: digest of the saved chunk there})} of `files` (this rank's
+    DCP data files), in one sequential read of each: what `save_tensors` computes while writing (used when it
+    could not, and by tests). A rank that later reads a chunk verifies exactly those bytes, and no rank has to
+    read whole files."""
     by_file: dict[str, list] = {f.name: [] for f in files}
     for info in load_dcp_metadata(directory / ".metadata").storage_data.values():
         if info.relative_path in by_file:
