@@ -34,6 +34,7 @@ from common.metrics import read_jsonl
 from data_pipeline.clips import read_caption, split_heldout
 from data_pipeline.synth import generate_clips
 from data_pipeline.tokenizer_ckpt import load_tokenizer
+from trainer.caption_sensitivity import clip_latents
 from trainer.quality import evaluate_quality, unique_captions
 from trainer.sample import load_videoar
 from trainer.train_tokenizer import train_tokenizer
@@ -50,7 +51,8 @@ PAPER_ARMS = [
 PAPER_GFVD = {"baseline": 96.04, "mst_rope": 94.95, "time_corruption": 93.57, "error_inheritance": 92.50}
 COLUMNS = [("eval/loss", "held-out loss"), ("quality/color", "colour"), ("quality/shape", "shape"),
            ("quality/direction", "direction"), ("quality/present_90", "present>=90%"),
-           ("quality/drift_trained", "drift@T"), ("quality/drift_end", "drift@end")]
+           ("quality/drift_trained", "drift@T"), ("quality/drift_end", "drift@end"),
+           ("quality/direction_gap", "dir. gap"), ("quality/color_gap", "col. gap")]
 
 
 def parse_arm(text: str) -> tuple[str, list[str], list[str]]:
@@ -111,7 +113,8 @@ def run_arm(cfg: Config, held: list[Path], first_arm: Path | None, captions: int
     tokenizer, _, _ = load_tokenizer(cfg.videoar_train.tokenizer_ckpt)
     prompts = unique_captions([read_caption(p) for p in held], captions)
     report = evaluate_quality(model, saved, step, tokenizer, out_dir(cfg) / "quality" / f"step-{step:08d}", prompts,
-                              held[:drift_clips], seed=cfg.run.seed, horizon=horizon)
+                              held[:drift_clips], seed=cfg.run.seed, horizon=horizon,
+                              gap_data=clip_latents(tokenizer, held, saved.curriculum[-1]))
     return {"step": step, "train_s": round(train_s, 1), **(({"eval/loss": evals[-1]["eval/loss"]}) if evals else {}),
             **report.metrics(), "drift": report.drift}
 
@@ -123,7 +126,7 @@ def table(rows: dict[str, dict], overrides: dict[str, str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         cells = [name, f"`{overrides[name]}`" if overrides[name] else "-"]
-        cells += [f"{r[k]:.3f}" if k in r else "-" for k, _ in COLUMNS]
+        cells += [(f"{r[k]:.4f}" if k.endswith("_gap") else f"{r[k]:.3f}") if k in r else "-" for k, _ in COLUMNS]
         cells += [str(PAPER_GFVD.get(name, "-"))] if paper else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -105,6 +105,8 @@ def test_trainer_logs_quality_at_every_stage_end(text_run, clips_dir):
         report = json.loads((out / "quality" / f"step-{step:08d}" / "quality.json").read_text())
         assert report["stage"] == stage and report["prompts"] == captions
         assert report["quality/present"] == rec["quality/present"]
+        # caption sensitivity of the stage's held-out samples (two latent frames: the direction gap exists)
+        assert report["quality/direction_gap"] == rec["quality/direction_gap"] and "quality/color_gap" in rec
         sidecar = json.loads((out / "quality" / f"step-{step:08d}" / "text-to-video" / "sample-00.json").read_text())
         assert sidecar["prompt"] == captions[0] and sidecar["checkpoint_step"] == step
         assert set(sidecar["metrics"]) == {"color", "shape", "direction", "present"}
@@ -129,6 +131,7 @@ def test_cli_measures_drift_beyond_the_trained_length(text_run, clips_dir, token
     q = json.loads(out.read_text())
     assert len(q["drift"]) == 9 and q["quality/drift_frames"] == 9  # 2 x 4 frames after the given one
     assert q["quality/drift_trained"] == q["drift"][4] and q["quality/drift_end"] == q["drift"][8]
+    assert {"quality/direction_gap", "quality/color_gap"} <= set(q)
     # frame 0 is the given frame through the tokenizer: its drift is that reconstruction's error, exactly
     tok, _, _ = load_tokenizer(tokenizer_ckpt)
     first = to_model_input(read_video(clip, num_frames=1, size=(32, 32)))

@@ -28,6 +28,7 @@ from common.atomic import atomic_write_text
 from data_pipeline.clips import read_caption
 from data_pipeline.tokenizer_ckpt import load_tokenizer
 from data_pipeline.video_io import read_video
+from trainer.caption_sensitivity import clip_latents
 from trainer.quality import describe, evaluate_quality, unique_captions
 from trainer.sample import load_videoar
 from trainer.video_metrics import caption_scores, fvd, load_feature_extractor, mean_scores
@@ -80,8 +81,9 @@ def evaluate_checkpoint(ckpt: str, heldout: str, out: str | None, captions: int,
     tokenizer, _, _ = load_tokenizer(cfg.videoar_train.tokenizer_ckpt)
     prompts = unique_captions([read_caption(c) for c in clips], captions) if cfg.videoar.cond == "text" else []
     out_dir = Path(out) if out else Path(ckpt).resolve().parent.parent / "quality" / f"step-{step:08d}"
+    gap_data = clip_latents(tokenizer, clips, cfg.curriculum[-1]) if cfg.videoar.cond == "text" else None
     return evaluate_quality(model, cfg, step, tokenizer, out_dir, prompts, clips[:drift_clips], seed=seed,
-                            horizon=horizon), out_dir
+                            horizon=horizon, gap_data=gap_data), out_dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,15 +23,18 @@ import torch
 from common.atomic import atomic_write_text
 from common.config import Config
 from data_pipeline.clips import read_caption, to_model_input
+from data_pipeline.synth import COLORS, WORLDS
 from data_pipeline.video_io import read_video
 from models.tokenizer import VideoTokenizer
 from models.videoar import VideoAR
 from trainer.curriculum import StageConfig
 from parallel.collectives import barrier
-from trainer.sample import load_videoar, sample_model_to_files
+from trainer.caption_sensitivity import caption_gaps
+from trainer.sample import load_videoar, sample_model_to_files, text_encoder
 from trainer.video_metrics import drift_curve, mean_scores, parse_caption
 
 log = logging.getLogger("quality")
+GAP_SAMPLES = 64  # held-out samples of the caption-sensitivity gaps at stage ends
 
 
 @dataclass
@@ -40,10 +43,11 @@ class QualityReport:
     drift: list[float] = field(default_factory=list)  # per video frame, mean over the image-to-video clips
     trained_frames: int = 0  # the stage's clip length: drift[trained_frames - 1] is the last trained frame
     contact_sheet: Path | None = None
+    gaps: dict[str, float] = field(default_factory=dict)  # quality/{direction,color}_gap (caption_sensitivity)
 
     def metrics(self) -> dict[str, float]:
         """Flat `quality/*` numbers for the metric sinks and tables."""
-        out = {f"quality/{k}": float(v) for k, v in self.scores.items()}
+        out = {**{f"quality/{k}": float(v) for k, v in self.scores.items()}, **self.gaps}
         if self.drift:
             out["quality/drift_trained"] = self.drift[min(self.trained_frames, len(self.drift)) - 1]
             out["quality/drift_end"] = self.drift[-1]
@@ -85,11 +89,24 @@ def drift_quality(model: VideoAR, cfg: Config, step: int, tokenizer: VideoTokeni
     return [float(np.mean([c[t] for c in curves])) for t in range(n)]
 
 
+def gap_quality(model: VideoAR, cfg: Config, tokenizer: VideoTokenizer, stage: StageConfig,
+                gap_data: tuple[torch.Tensor, list[str]] | None) -> dict[str, float]:
+    """Caption sensitivity (trainer/caption_sensitivity.py) of held-out (latents, captions); {} without them."""
+    if gap_data is None or not len(gap_data[1]) or cfg.videoar.cond != "text":
+        return {}
+    colors = WORLDS[cfg.data.synth_world].colors if cfg.data.synth_world in WORLDS else tuple(COLORS)
+    encoder = text_encoder(cfg.videoar.text_encoder, cfg.videoar.text_len)
+    quantizer = tokenizer.quantizer.for_sizes(stage.sizes)  # the stage's scale schedule
+    return caption_gaps(model, quantizer, stage, encoder, gap_data[0], list(gap_data[1]), colors)
+
+
 def evaluate_quality(model: VideoAR, cfg: Config, step: int, tokenizer: VideoTokenizer, out_dir: str | Path,
                      prompts: list[str], drift_clips: list[Path] = (), stage: StageConfig | None = None,
-                     seed: int = 0, horizon: int = 2) -> QualityReport:
-    """Caption scores of `prompts` and drift over `drift_clips`; samples under out_dir/{text-to-video,
-    image-to-video}/, the numbers in out_dir/quality.json."""
+                     seed: int = 0, horizon: int = 2, gap_data: tuple[torch.Tensor, list[str]] | None = None
+                     ) -> QualityReport:
+    """Caption scores of `prompts`, drift over `drift_clips` and caption sensitivity of `gap_data` (held-out
+    latents (N, T, d, h, w) and their captions); samples under out_dir/{text-to-video, image-to-video}/, the
+    numbers in out_dir/quality.json."""
     out_dir, stage = Path(out_dir), stage or cfg.curriculum[-1]
     was_training = model.training
     model.eval()
@@ -98,9 +115,10 @@ def evaluate_quality(model: VideoAR, cfg: Config, step: int, tokenizer: VideoTok
             if prompts else ({}, None)
         drift = drift_quality(model, cfg, step, tokenizer, stage, list(drift_clips), out_dir / "image-to-video", seed,
                               horizon) if drift_clips else []
+        gaps = gap_quality(model, cfg, tokenizer, stage, gap_data)
     finally:
         model.train(was_training)
-    report = QualityReport(scores, drift, stage.frames, sheet)
+    report = QualityReport(scores, drift, stage.frames, sheet, gaps)
     atomic_write_text(out_dir / "quality.json", json.dumps({"step": step, "stage": stage.name, "prompts": prompts,
                                                             "drift_clips": [str(c) for c in drift_clips],
                                                             "drift": drift, **report.metrics()}, indent=1) + "\n")
@@ -117,6 +135,9 @@ def describe(report: QualityReport) -> str:
         m = report.metrics()
         text += (f"; drift {m['quality/drift_trained']:.3f} at frame {min(report.trained_frames, len(report.drift))}"
                  f", {m['quality/drift_end']:.3f} at frame {len(report.drift)}")
+    if report.gaps:
+        text += "; caption gaps (nats/bit) " + ", ".join(
+            f"{k.split('/')[1].replace('_gap', '').replace('color', 'colour')} {v:.4f}" for k, v in report.gaps.items())
     return text
 
 
@@ -140,8 +161,10 @@ def stage_end_quality(trainer, step: int, sinks) -> dict[str, float]:
                         stage.name)
         else:
             model, cfg, _ = load_videoar(trainer.checkpoints.root / f"step-{step:08d}", str(trainer.device))
+            held = list(range(min(len(data), GAP_SAMPLES)))
             report = evaluate_quality(model, cfg, step, trainer.tokenizer, trainer.checkpoints.root.parent / "quality"
-                                      / f"step-{step:08d}", prompts, stage=stage, seed=cfg.run.seed)
+                                      / f"step-{step:08d}", prompts, stage=stage, seed=cfg.run.seed,
+                                      gap_data=(data.batch(held)[0], data.texts(held)))
             out = report.metrics()
             log.info("quality at step %d (stage %s): %s", step, stage.name, describe(report))
             if sinks is not None and report.contact_sheet is not None:
