@@ -1,16 +1,27 @@
 """Checkpoint write speed against the disk, and the training-loop stall of an asynchronous save against a
 synchronous one, measured side by side in one run.
 
-    python -m benchmarks.checkpoint_io [--depth 6 --width 512 --dir runs/bench-ckpt]
+    python -m benchmarks.checkpoint_io [--depth 6 --width 512 --dir runs/bench-ckpt --threads N]
 
 1. `dd if=/dev/zero bs=1M conv=fsync` writes as many bytes as one checkpoint shard into --dir: the disk's
-   sequential write rate. 2. A synchronous save the trainer's way (`parallel.checkpoint_format.write_rank_checkpoint`: the tensors through
-   torch.distributed.checkpoint, fsynced, hashed per chunk and per file in one read; the small rank shard; commit)
-   of a VideoAR model + AdamW state into the same directory: checkpoint MB/s, and the ratio to dd.
-3. The stall: how long the training loop is blocked by `save` (sync: the whole save, its shard flushed to disk while it is written; async: the CPU copy of
+   sequential write rate. 2. A synchronous save the trainer's way (`parallel.checkpoint_format.
+   write_rank_checkpoint`: the tensors through torch.distributed.checkpoint, each byte hashed as it is written
+   (per chunk and per file, parallel/dcp_writer.py) and flushed to disk behind the writer, fsynced; the small rank
+   shard; commit) of a VideoAR model + AdamW state into the same directory: checkpoint MB/s, and the ratio to dd.
+3. The stall: how long the training loop is blocked by `save` (sync: the whole save; async: the CPU copy of
    the state, `checkpoint.snapshot`, plus starting the writer thread), and how long the training steps that
    run during the background write take compared with steps without a save in flight (on 2 shared cores the
-   writer competes with training).
+   writer competes with training). `--threads` sets torch's threads for the training steps (default: torch's
+   own, every core): with another job on the cores, 2 threads make step times swing 10x (a thread waiting for
+   its descheduled partner), so the overlap ratio is only measurable with 1.
+
+Measured here (2 cores shared with another engineer's training run, so every figure is noisy; dd 1,240-1,720
+MB/s): the DCP save was 0.28-0.30x dd when first measured; run alternately with this version, the previous one
+(every file read back to hash it, one fsync after the write) 0.44-0.61x (678-753 MB/s), this one (hashed while
+written, flushed behind the writer) 0.57-0.73x (904-1,118 MB/s): short of the 0.8x target. What is left is CPU on
+busy cores: the kernel's copy into the page cache (~45% of DCP's write), two xxh3 passes (~20%, in 256 KB slices
+while cached), DCP and torch.save per item (~30 ms for 249 items). Training steps during an async save
+(--threads 1): 0.95-1.15x (before: 1.12x); with 2 threads they swing 0.55-6.4x under the other run's load.
 """
 
 from __future__ import annotations
@@ -63,8 +74,8 @@ def dd_rate(directory: Path, megabytes: int) -> float:
 
 
 def save(root: Path, step: int, state: dict) -> None:
-    """What the trainer's save does on one rank: temp dir, the tensors into DCP (written, fsynced, then every
-    chunk and the file hashed in one read), the small rank shard, metadata commit, rename."""
+    """What the trainer's save does on one rank: temp dir, the tensors into DCP (hashed per chunk and per file
+    while written, flushed behind the writer, fsynced), the small rank shard, metadata commit, rename."""
     tmp = begin_checkpoint(root, step)
     write_rank_checkpoint(tmp, shard_name(0), {"step": step}, state, None)
     commit_checkpoint(root, step, tmp, {}, keep_last=1)
@@ -83,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--dir", type=Path, default=Path("runs/bench-ckpt"), help="on the disk checkpoints use")
     parser.add_argument("--repeats", type=int, default=5, help="best of N for each measurement")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for training steps (0: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.dir.mkdir(parents=True, exist_ok=True)
     train_step, state = build(args.depth, args.width)
     save(args.dir, 0, state())  # warm-up, and the shard size
@@ -119,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     params = sum(t.numel() for k, t in state().items() if k.startswith("model/"))
     print(f"VideoAR depth {args.depth} width {args.width}: {params / 1e6:.1f}M parameters + AdamW state: "
-          f"shard {mb:.0f} MB, directory {args.dir}")
+          f"shard {mb:.0f} MB, directory {args.dir}, {torch.get_num_threads()} torch threads")
     print(f"dd sequential write (fsync)      {dd / 2**20:8.1f} MB/s")
     print(f"sha256 of the shard bytes        {sha / 2**20:8.1f} MB/s   (the digest before 2026-12-03)")
     print(f"{DIGEST} of the shard bytes      {xxh / 2**20:8.1f} MB/s   (the digest now)")

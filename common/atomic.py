@@ -48,33 +48,26 @@ def atomic_write_stream(path: str | os.PathLike, write: Callable[[BinaryIO], Non
 
 
 @contextlib.contextmanager
-def flushing_behind(f: BinaryIO, interval_s: float = 0.02) -> Iterator[Callable[[], None]]:
+def flushing_behind(f: BinaryIO, interval_s: float = 0.02) -> Iterator[None]:
     """While the block writes `f`, a thread fdatasyncs it every `interval_s`: the disk writes what is already in
     the page cache while the writer fills more, so the closing fsync waits only for the tail (a 217 MB shard here:
-    1.1x `dd conv=fsync` instead of 0.8x). A failed flush is left to the closing fsync to report. Yields `stop()`
-    (idempotent), for a writer that closes `f` inside the block: the thread must stop before the descriptor is
-    closed (its number could be reused by another file)."""
+    1.1x `dd conv=fsync` instead of 0.8x). A failed flush is left to the closing fsync to report."""
     stop = threading.Event()
 
     def flush() -> None:
         while not stop.wait(interval_s):
             try:
                 os.fdatasync(f.fileno())
-            except (OSError, ValueError):  # ValueError: closed without stop()
+            except OSError:
                 return
 
     thread = threading.Thread(target=flush, name="write-behind", daemon=True)
     thread.start()
-
-    def halt() -> None:
-        stop.set()
-        if thread.is_alive():
-            thread.join()
-
     try:
-        yield halt
+        yield
     finally:
-        halt()
+        stop.set()
+        thread.join()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:

@@ -19,7 +19,7 @@ import contextlib
 import io
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystem
@@ -30,7 +30,7 @@ from parallel.digests import new_hasher
 log = logging.getLogger(__name__)
 WRITE_BEHIND_BYTES = 8 << 20  # smaller files (`.metadata`, a rank's tiny data file) need no flusher thread
 FLUSH_INTERVAL_S = 0.02  # fdatasync period of the write-behind thread
-SLICE_BYTES = 256 << 10  # hashed twice and copied while in the CPU cache: 217 MB in 52 ms here, 75 ms unsliced
+SLICE_BYTES = 256 << 10  # hashed twice, then copied, while in the CPU cache (217 MB: 52 ms here, 75 unsliced)
 Digests = dict[str, tuple[str, dict[str, str]]]  # {file name: (file digest, {byte offset: chunk digest})}
 
 
@@ -44,7 +44,7 @@ class DigestingStream(io.RawIOBase):
         self.pos = self.start = 0
         self.segments: dict[int, tuple[int, str]] = {}  # start offset -> (length, digest)
         self.behind = contextlib.ExitStack()
-        self.stop_flushing: Callable[[], None] | None = None
+        self.flushing = False  # the write-behind thread started
 
     def writable(self) -> bool:
         return True
@@ -57,8 +57,9 @@ class DigestingStream(io.RawIOBase):
             self.chunk.update(piece)
             self.f.write(piece)
         self.pos += view.nbytes
-        if self.stop_flushing is None and self.pos >= WRITE_BEHIND_BYTES:
-            self.stop_flushing = self.behind.enter_context(flushing_behind(self.f, FLUSH_INTERVAL_S))
+        if not self.flushing and self.pos >= WRITE_BEHIND_BYTES:
+            self.behind.enter_context(flushing_behind(self.f, FLUSH_INTERVAL_S))
+            self.flushing = True
         return view.nbytes
 
     def tell(self) -> int:
@@ -100,7 +101,7 @@ class DigestingFileSystem(FileSystem):
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
-        stream = DigestingStream(open(path, mode))  # noqa: SIM115 - closed below (or by DCP, earlier)
+        stream = DigestingStream(open(path, mode))  # closed below (or by DCP, earlier)
         self.streams[Path(path).name] = stream
         try:
             yield stream
