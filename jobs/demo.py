@@ -30,6 +30,7 @@ from data_pipeline.synth import generate_clips
 from common.metrics import read_jsonl
 from common.config import Config, config_arg_parser, config_from_args, load_config, save_config
 from trainer.preemption import EXIT_PREEMPTED
+from trainer.caption_sensitivity import clip_latents
 from trainer.quality import QualityReport, describe, evaluate_quality, unique_captions
 from trainer.sample import load_videoar
 from data_pipeline.tokenizer_ckpt import load_tokenizer
@@ -107,8 +108,9 @@ def _sample(cfg: Config, ckpts: Path, samples_dir: Path, held: list[Path]) -> Qu
     tokenizer, _, _ = load_tokenizer(saved.videoar_train.tokenizer_ckpt)
     prompts = unique_captions([read_caption(p) for p in held], saved.videoar_train.quality_samples) \
         if saved.videoar.cond == "text" else []
+    gap_data = clip_latents(tokenizer, held, saved.curriculum[-1]) if prompts else None
     return evaluate_quality(model, saved, step, tokenizer, samples_dir, prompts, held[:DRIFT_CLIPS],
-                            seed=cfg.run.seed)
+                            seed=cfg.run.seed, gap_data=gap_data)
 
 
 def _preprocess_split(args, cfg: Config, train: list[Path], held: list[Path]):
