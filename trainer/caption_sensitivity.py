@@ -51,11 +51,15 @@ def token_losses(model: VideoAR, quantizer, stage: StageConfig, latents: torch.T
     mask, no condition dropout; the stage's attention window stays, it is part of the model)."""
     layout = model.layout_for(latents.shape[1], quantizer.sizes)
     plain = dataclasses.replace(stage, p_mask=0.0)
-    gens = [sample_generator(0, -1, j) for j in range(len(latents))]
-    batch = prepare_batch(quantizer, layout, latents, text_states, plain, 0.0, 0.0, 0.0, 0.0, gens)
-    logits = model(*batch.model_args()).float()
-    per_bit = F.cross_entropy(logits.reshape(-1, 2), batch.targets.reshape(-1).long(), reduction="none")
-    return per_bit.view(batch.targets.shape).mean(2).mean(0)
+    total = 0.0
+    for i in range(0, len(latents), max(1, stage.micro_batch)):  # the stage's micro-batches: its memory bound
+        lat, states = latents[i:i + stage.micro_batch], text_states[i:i + stage.micro_batch]
+        gens = [sample_generator(0, -1, j) for j in range(i, i + len(lat))]
+        batch = prepare_batch(quantizer, layout, lat, states, plain, 0.0, 0.0, 0.0, 0.0, gens)
+        logits = model(*batch.model_args()).float()
+        per_bit = F.cross_entropy(logits.reshape(-1, 2), batch.targets.reshape(-1).long(), reduction="none")
+        total = total + per_bit.view(batch.targets.shape).mean(2).sum(0)
+    return total / len(latents)
 
 
 @torch.no_grad()
