@@ -47,19 +47,20 @@ def swap_caption(caption: str, attribute: str, colors: tuple[str, ...]) -> str |
 @torch.no_grad()
 def token_losses(model: VideoAR, quantizer, stage: StageConfig, latents: torch.Tensor, text_states: torch.Tensor
                  ) -> torch.Tensor:
-    """(L_video,) mean per-bit loss of each video token over the batch, plain teacher forcing (no flips, no frame
-    mask, no condition dropout; the stage's attention window stays, it is part of the model)."""
+    """(N, L_video) mean per-bit loss of each sample's video tokens, plain teacher forcing (no flips, no frame
+    mask, no condition dropout; the stage's attention window stays, it is part of the model), run in the stage's
+    micro-batches (its memory bound)."""
     layout = model.layout_for(latents.shape[1], quantizer.sizes)
     plain = dataclasses.replace(stage, p_mask=0.0)
-    total = 0.0
-    for i in range(0, len(latents), max(1, stage.micro_batch)):  # the stage's micro-batches: its memory bound
+    out = []
+    for i in range(0, len(latents), max(1, stage.micro_batch)):
         lat, states = latents[i:i + stage.micro_batch], text_states[i:i + stage.micro_batch]
         gens = [sample_generator(0, -1, j) for j in range(i, i + len(lat))]
         batch = prepare_batch(quantizer, layout, lat, states, plain, 0.0, 0.0, 0.0, 0.0, gens)
         logits = model(*batch.model_args()).float()
         per_bit = F.cross_entropy(logits.reshape(-1, 2), batch.targets.reshape(-1).long(), reduction="none")
-        total = total + per_bit.view(batch.targets.shape).mean(2).sum(0)
-    return total / len(latents)
+        out.append(per_bit.view(batch.targets.shape).mean(2))
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -70,16 +71,25 @@ def caption_gaps(model: VideoAR, quantizer, stage: StageConfig, text_encoder: Te
     out = {}
     device = next(model.parameters()).device
     layout = model.layout_for(latents.shape[1], quantizer.sizes)
-    frame_ids = layout.token_ids()[0][layout.prefix_len:]
-    for attribute in SWAPPED:
-        keep = [(i, s) for i, c in enumerate(captions) if (s := swap_caption(c, attribute, colors)) is not None]
-        if not keep or (attribute == "direction" and layout.num_frames < 2):
+    frame_ids = layout.token_ids()[0][layout.prefix_len:].to(device)
+    swaps = {a: {i: s for i, c in enumerate(captions) if (s := swap_caption(c, a, colors)) is not None}
+             for a in SWAPPED}
+    if layout.num_frames < 2:  # no motion to read a direction from
+        swaps["direction"] = {}
+    scored = sorted(set().union(*swaps.values()))  # every clip with a swapped caption: its true loss, once
+    if not scored:
+        return out
+    lat = latents[scored].to(device)
+    row = {i: r for r, i in enumerate(scored)}
+    true = token_losses(model, quantizer, stage, lat, text_encoder.encode([captions[i] for i in scored]).to(device))
+    for attribute, swapped in swaps.items():
+        if not swapped:
             continue
-        lat = latents[[i for i, _ in keep]].to(device)
-        states = [text_encoder.encode(texts).to(device) for texts in ([captions[i] for i, _ in keep], [s for _, s in keep])]
-        true, swapped = (token_losses(model, quantizer, stage, lat, x) for x in states)
+        rows = [row[i] for i in swapped]
+        states = text_encoder.encode(list(swapped.values())).to(device)
+        gap = (token_losses(model, quantizer, stage, lat[rows], states) - true[rows]).mean(0)
         where = (frame_ids >= 1) if attribute == "direction" else torch.ones_like(frame_ids, dtype=torch.bool)
-        out[f"quality/{attribute}_gap"] = float((swapped - true)[where.to(true.device)].mean())
+        out[f"quality/{attribute}_gap"] = float(gap[where].mean())
     return out
 
 
