@@ -15,13 +15,13 @@ synchronous one, measured side by side in one run.
    own, every core): with another job on the cores, 2 threads make step times swing 10x (a thread waiting for
    its descheduled partner), so the overlap ratio is only measurable with 1.
 
-Measured here (2 cores shared with another engineer's training run, so every figure is noisy; dd 1,240-1,720
-MB/s): the DCP save was 0.28-0.30x dd when first measured; run alternately with this version, the previous one
-(every file read back to hash it, one fsync after the write) 0.44-0.61x (678-753 MB/s), this one (hashed while
-written, flushed behind the writer) 0.57-0.73x (904-1,118 MB/s): short of the 0.8x target. What is left is CPU on
-busy cores: the kernel's copy into the page cache (~45% of DCP's write), two xxh3 passes (~20%, in 256 KB slices
-while cached), DCP and torch.save per item (~30 ms for 249 items). Training steps during an async save
-(--threads 1): 0.95-1.15x (before: 1.12x); with 2 threads they swing 0.55-6.4x under the other run's load.
+Measured here, idle machine (2026-12-04; dd 1,220-1,650 MB/s from run to run, so ratios swing): each byte hashed
+once (chunk digests, the file's derived from them) and large writes hashed on the second core while copied:
+217 MB shard (default) 0.73-0.98x dd (1,170-1,200 MB/s; the two-pass version alternated the same hour
+0.71-0.74x, 1,060-1,110 MB/s); 867 MB shard (--width 1024) 1.00-1.11x (the two-pass version 1.01x): with the
+disk writing behind DCP, what is left at 217 MB is DCP's fixed cost per item (~50 ms for 249 items: a torch.save
+archive each, planning, metadata), which a cluster-sized shard (GBs per rank) amortises. Training steps during
+an async save: --threads 1 1.03-1.14x; 2 threads 1.24-1.32x (the step uses both cores the writer needs).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ name, any layout reads any other, each rank reading about its own share) and `me
 Format 2 (before 2026-12-04: tensors inside the rank shards, or DeepSpeed's own files) is still read.
 
 A step directory is built under a temporary name, each rank fsyncs and hashes its own shard, `metadata.json`
-(format, step, a digest per file with its algorithm, config) is the commit marker, then the directory is renamed into place and `latest` is
+(format, step, a digest per file with its algorithm, a digest per DCP chunk, config) is the commit marker, then the directory is renamed into place and `latest` is
 updated. Resume picks the newest committed step, verifies every checksum and falls back to the previous step
 when one is corrupted. Shards are loaded with `torch.load(weights_only=True)`: no pickled code runs.
 
@@ -40,7 +40,7 @@ from safetensors.torch import save
 
 from common.atomic import atomic_write_bytes, atomic_write_stream, atomic_write_text
 from common.parallel_plan import tp_split_dim
-from parallel.digests import ALGORITHMS, DIGEST, LEGACY, HashingWriter, bytes_digest, file_digest
+from parallel.digests import ALGORITHMS, DIGEST, ITEMS_DIGEST, LEGACY, HashingWriter, bytes_digest, file_digest
 from parallel.safe_load import refusal_reason, verify_deepspeed_dir
 from parallel.collectives import any_rank, broadcast_object, group_size, rank as process_rank
 from parallel.dcp_format import ItemCorrupted, read_all, save_tensors
@@ -137,7 +137,7 @@ def commit_checkpoint(root: str | Path, step: int, tmp: Path, meta: dict[str, An
     for f in tmp.rglob("*" + DIGEST_SUFFIX):
         f.unlink()
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step, "digest": DIGEST, "shards": sums,
-              **({"items": items} if items else {}), **meta}
+              **({"items": items, "items_digest": ITEMS_DIGEST} if items else {}), **meta}
     atomic_write_text(tmp / "metadata.json", json.dumps(record, indent=1, sort_keys=True))
     if final.exists():  # a re-save of the same step replaces it
         _discard(final)

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.planner import TensorProperties, TensorWriteDa
 
 from common.parallel_plan import tp_split_dim
 from parallel.dcp_writer import Digests, DigestingWriter
-from parallel.digests import bytes_digest, new_hasher
+from parallel.digests import bytes_digest, items_digest
 from parallel.safe_load import load_dcp_metadata, refusal_reason
 
 DCP_DIR = "dcp"
@@ -151,27 +151,29 @@ class ItemCorrupted(ValueError):
 
 
 def chunk_digests(directory: Path, files: list[Path]) -> Digests:
-    """{file name: (digest of the file, {byte offset: digest of the saved chunk there})} of `files` (this rank's
-    DCP data files), in one sequential read of each: what `save_tensors` computes while writing (used when it
-    could not, and by tests). A rank that later reads a chunk verifies exactly those bytes, and no rank has to
-    read whole files."""
+    """{file name: (digest of the file, {byte offset: digest of the chunk there})} of `files` (this rank's DCP
+    data files), in one sequential read of each: what `save_tensors` computes while writing (used when it could
+    not, and by tests). Every saved item is a chunk; bytes outside them (none in DCP's layout today) are chunks
+    of their own, so the chunks tile the file and its digest derives from theirs (`digests.items_digest`). A
+    rank that later reads a chunk verifies exactly those bytes, and no rank has to read whole files."""
     by_file: dict[str, list] = {f.name: [] for f in files}
     for info in load_dcp_metadata(directory / ".metadata").storage_data.values():
         if info.relative_path in by_file:
             by_file[info.relative_path].append(info)
     out = {}
     for name, infos in by_file.items():
-        whole, chunks, pos = new_hasher(), {}, 0
+        chunks, pos = {}, 0
         with open(directory / name, "rb") as f:
-            for info in sorted(infos, key=lambda i: i.offset):
-                if info.offset > pos:  # bytes between chunks (none in DCP's layout today) still count
-                    whole.update(f.read(info.offset - pos))
-                data = f.read(info.length)
-                whole.update(data)
-                chunks[str(info.offset)], pos = bytes_digest(data), info.offset + len(data)
-            for block in iter(lambda: f.read(1 << 22), b""):
-                whole.update(block)
-        out[name] = whole.hexdigest(), chunks
+            spans = [(i.offset, i.length) for i in sorted(infos, key=lambda i: i.offset)]
+            size = f.seek(0, 2)
+            f.seek(0)
+            for offset, length in spans + [(size, 0)]:
+                if offset > pos:  # bytes outside the items
+                    chunks[str(pos)] = bytes_digest(f.read(offset - pos))
+                if length:
+                    chunks[str(offset)] = bytes_digest(f.read(length))
+                pos = offset + length
+        out[name] = items_digest(size, chunks), chunks
     return out
 
 

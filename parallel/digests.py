@@ -12,6 +12,11 @@ from typing import Any, BinaryIO
 import xxhash
 
 DIGEST = "xxh3_128"  # what new checkpoints use
+# How a DCP data file's digest (metadata `shards`) derives from its chunks' (metadata `items`), named in the
+# metadata as `items_digest`: the file is hashed once, chunk by chunk, as it is written. Checkpoints without the
+# field hashed DCP data files whole (a second pass); no reader verifies those whole-file digests (each rank
+# verifies the chunks it reads), so both read alike.
+ITEMS_DIGEST = "xxh3_128 of the file size and each chunk's offset and digest"
 LEGACY = "sha256"  # what a checkpoint without a `digest` field used
 ALGORITHMS = (DIGEST, LEGACY)
 
@@ -28,6 +33,12 @@ def bytes_digest(data: bytes | memoryview, algorithm: str = DIGEST) -> str:
     h = new_hasher(algorithm)
     h.update(data)
     return h.hexdigest()
+
+
+def items_digest(size: int, chunks: dict[str, str]) -> str:
+    """A file's digest from the digests of chunks that tile it ({byte offset: digest}; `ITEMS_DIGEST`)."""
+    lines = [str(size)] + [f"{o} {chunks[o]}" for o in sorted(chunks, key=int)]
+    return bytes_digest("\n".join(lines).encode())
 
 
 def file_digest(path: str | Path, algorithm: str = DIGEST) -> str:

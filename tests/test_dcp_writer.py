@@ -13,6 +13,7 @@ import torch
 from parallel import dcp_format, dcp_writer
 from parallel.dcp_format import (DCP_DIR, ItemCorrupted, TensorSlice, chunk_digests, load_tensors, save_tensors,
                                  saved_shapes)
+from parallel.digests import bytes_digest, items_digest
 from parallel.safe_load import load_dcp_metadata
 
 
@@ -70,3 +71,17 @@ def test_items_that_are_not_one_segment_fall_back_to_reading_the_files(tmp_path,
     monkeypatch.undo()
     assert "is not one written segment" in caplog.text
     assert digests == chunk_digests(tmp_path / DCP_DIR, [f for f in files if f.suffix == ".distcp"])
+
+
+def test_the_file_digest_derives_from_chunks_that_tile_the_file(tmp_path, monkeypatch):
+    """Each byte is hashed once (per chunk); the file's digest is `items_digest` of its size and chunks, so a
+    byte outside every item (appended here) is still covered: it becomes a chunk of its own."""
+    files, digests = streamed_save(tmp_path, monkeypatch)
+    digest, chunks = digests["__0_0.distcp"]
+    path = tmp_path / DCP_DIR / "__0_0.distcp"
+    size = path.stat().st_size
+    assert digest == items_digest(size, chunks)
+    with open(path, "ab") as f:
+        f.write(b"tail")
+    (grown, grown_chunks), = chunk_digests(tmp_path / DCP_DIR, [path]).values()
+    assert grown_chunks == {**chunks, str(size): bytes_digest(b"tail")} and grown != digest

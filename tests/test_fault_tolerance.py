@@ -16,6 +16,7 @@ from parallel.launch import run_local
 from tests.conftest import make_cfg
 from parallel.checkpoint_format import committed_steps, read_checkpoint, step_dir
 from parallel.dcp_format import read_all
+from parallel.digests import ITEMS_DIGEST, items_digest
 from common.metrics import read_jsonl
 from parallel.engine import poison_if_nonfinite
 from trainer.checkpointing import AsyncSaver
@@ -104,6 +105,9 @@ def test_k_non_finite_steps_in_a_row_stop_with_a_checkpoint_of_the_last_good_sta
     assert saved["skipped_steps"] == 3
     model = read_all(step_dir(tmp_path / "videoar" / "checkpoints", 5), meta["items"], "model/")
     assert all(torch.equal(model[f"model/{k}"], good[k]) for k in good)
+    d = step_dir(tmp_path / "videoar" / "checkpoints", 5)  # each data file's digest named and derived from its chunks'
+    assert meta["items_digest"] == ITEMS_DIGEST and meta["items"] and all(
+        meta["shards"][f] == items_digest((d / f).stat().st_size, chunks) for f, chunks in meta["items"].items())
     assert read_jsonl(tmp_path / "videoar" / "metrics.jsonl")[-1]["skipped_steps"] == 3
 
 
