@@ -1,6 +1,7 @@
 """Token layout of one VideoAR sequence (DESIGN §3.2): condition prefix, then per latent frame its scales coarse
 to fine. Everything here is a pure function of (prefix length, frames, scale sizes), so masks, RoPE positions,
-losses and the KV-cached sampler all index the sequence the same way.
+losses and the KV-cached sampler all index the sequence the same way; `prev_frame` says what the inputs carry
+(models/sequence_inputs.py), so training and sampling build the same features.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class SequenceLayout:
     prefix_len: int
     num_frames: int
     sizes: tuple[tuple[int, int], ...]  # (h_k, w_k) per scale, the last one is the latent grid
+    prev_frame: bool = False  # inputs also carry the previous frame's reconstruction (videoar.prev_frame_input)
 
     def __post_init__(self) -> None:
         if self.prefix_len < 0 or self.num_frames < 1 or not self.sizes:

@@ -88,7 +88,8 @@ def prepare_batch(quantizer: MultiScaleBitwiseQuantizer, layout: SequenceLayout,
     device = latents.device
     per_scale = lambda xs: [torch.cat([x[k] for x in xs]) for k in range(quantizer.num_scales)]  # noqa: E731
     visibility = torch.cat(vis).to(device) if vis else None
-    return MicroBatch(teacher_forcing_features(quantizer, per_scale(inputs)), sequence_targets(per_scale(labels)),
+    return MicroBatch(teacher_forcing_features(quantizer, per_scale(inputs), layout.prev_frame),
+                      sequence_targets(per_scale(labels)),
                       cond.to(device), torch.cat(drop).to(device), visibility, torch.stack(ratios).float().to(device),
                       layout)
 

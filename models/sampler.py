@@ -86,7 +86,7 @@ def sample(model: VideoAR, quantizer: MultiScaleBitwiseQuantizer, cond: torch.Te
         acc = torch.zeros(b, d, *sizes[-1], dtype=dtype, device=device)
         for k in range(K):
             block = layout.blocks[t * K + k]
-            feats = block_input(quantizer, k, acc, prev)
+            feats = block_input(quantizer, k, acc, prev, layout.prev_frame)
             if guided:
                 feats = torch.cat([feats, feats])
             logits = model.forward_block(block, feats, layout, cache, cond=batch_cond, drop=drop).float()

@@ -2,7 +2,9 @@
 
 Input of (frame t, scale k): k >= 1: `next_input(acc_{<k}[t], k)`, the frame's own reconstruction so far;
 k = 0, t > 0: `next_input(acc_full[t-1], 0)`, the previous frame's full reconstruction; k = 0, t = 0: the SOS
-slot (zeros here, the model puts its learned SOS embedding there). The sampler builds the same inputs one
+slot (zeros here, the model puts its learned SOS embedding there). With `prev_frame` (videoar.prev_frame_input)
+every input is followed by `next_input(acc_full[t-1], k)` (zeros for t = 0): the previous frame at the block's
+own size, so a token sees what was at its place a frame ago without attending for it (d -> 2d features). The sampler builds the same inputs one
 block at a time with the same two quantizer functions, so training and sampling cannot disagree.
 Tokens of a block are in row-major (h, w) order, like `SequenceLayout.positions`.
 """
@@ -25,22 +27,27 @@ def tokens_to_grid(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def block_input(q: MultiScaleBitwiseQuantizer, k: int, acc: torch.Tensor | None,
-                prev_frame: torch.Tensor | None) -> torch.Tensor:
-    """Input tokens (N, h_k*w_k, d) of scale k, given the frame's reconstruction so far `acc` (k >= 1) or the
-    previous frame's full reconstruction `prev_frame` (k = 0; None on frame 0 gives the zero SOS slot)."""
+                prev_frame: torch.Tensor | None, with_prev: bool = False) -> torch.Tensor:
+    """Input tokens (N, h_k*w_k, d) of scale k, given the frame's reconstruction so far `acc` (k >= 1) and the
+    previous frame's full reconstruction `prev_frame` (k = 0; None on frame 0 gives the zero SOS slot);
+    `with_prev` (layout.prev_frame): (N, h_k*w_k, 2d), the previous frame at scale k's size appended."""
+    n, (h, w) = (acc.shape[0] if acc is not None else 1), q.sizes[k]
+    zeros = lambda: torch.zeros(n, h * w, q.dim, dtype=q.dtype, device=q.device)  # noqa: E731
     if k > 0:
-        return grid_to_tokens(q.next_input(acc, k))
-    if prev_frame is None:
-        n = acc.shape[0] if acc is not None else 1
-        h, w = q.sizes[0]
-        return torch.zeros(n, h * w, q.dim, dtype=q.dtype, device=q.device)
-    return grid_to_tokens(q.next_input(prev_frame, 0))
+        x = grid_to_tokens(q.next_input(acc, k))
+    else:
+        x = zeros() if prev_frame is None else grid_to_tokens(q.next_input(prev_frame, 0))
+    if not with_prev:
+        return x
+    return torch.cat([x, zeros() if prev_frame is None else grid_to_tokens(q.next_input(prev_frame, k))], dim=-1)
 
 
 @torch.no_grad()
-def teacher_forcing_features(q: MultiScaleBitwiseQuantizer, bits: list[torch.Tensor]) -> torch.Tensor:
+def teacher_forcing_features(q: MultiScaleBitwiseQuantizer, bits: list[torch.Tensor], prev_frame: bool = False
+                             ) -> torch.Tensor:
     """Features (B, T * tokens_per_frame, d) for per-scale input bits [(B, T, d, h_k, w_k)], e.g. the
-    flipped `ErrorCorrectedBits.inputs` (or the clean bits for plain teacher forcing)."""
+    flipped `ErrorCorrectedBits.inputs` (or the clean bits for plain teacher forcing); (..., 2d) with
+    `prev_frame` (layout.prev_frame)."""
     b, t = bits[0].shape[:2]
     flat = [x.flatten(0, 1) for x in bits]  # (B*T, d, h_k, w_k): all frames at once
     acc = q._empty_recon(flat)
@@ -55,6 +62,10 @@ def teacher_forcing_features(q: MultiScaleBitwiseQuantizer, bits: list[torch.Ten
         first[:, 1:] = grid_to_tokens(q.next_input(full[:, :-1].flatten(0, 1), 0)).view(b, t - 1, -1, q.dim)
     per_scale[0] = first.flatten(0, 1)
     frames = torch.cat([x.view(b, t, -1, q.dim) for x in per_scale], dim=2)  # (B, T, tokens_per_frame, d)
+    if prev_frame:
+        before = torch.cat([torch.zeros_like(full[:, :1]), full[:, :-1]], dim=1).flatten(0, 1)
+        prev = [grid_to_tokens(q.next_input(before, k)).view(b, t, -1, q.dim) for k in range(q.num_scales)]
+        frames = torch.cat([frames, torch.cat(prev, dim=2)], dim=-1)
     return frames.flatten(1, 2)
 
 

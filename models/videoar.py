@@ -170,7 +170,8 @@ class VideoAR(nn.Module):
         self.null_prefix = nn.Parameter(torch.zeros(cfg.prefix_len, w))
         self.sos_embed = nn.Parameter(torch.zeros(w))
         self.scale_embed = nn.Embedding(cfg.max_scales, w)
-        self.input_proj = nn.Linear(latent_dim, w)
+        self.feature_dim = latent_dim * (2 if cfg.prev_frame_input else 1)  # models/sequence_inputs.py
+        self.input_proj = nn.Linear(self.feature_dim, w)
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.RMSNorm(w, eps=1e-6)
         self.head = nn.Linear(w, 2 * latent_dim)
@@ -206,7 +207,8 @@ class VideoAR(nn.Module):
     def layout_for(self, num_frames: int, sizes: list[tuple[int, int]] | tuple) -> SequenceLayout:
         if len(sizes) > self.cfg.max_scales:
             raise ValueError(f"{len(sizes)} scales, but videoar.max_scales={self.cfg.max_scales}")
-        return SequenceLayout(self.cfg.prefix_len, num_frames, tuple(tuple(map(int, s)) for s in sizes))
+        return SequenceLayout(self.cfg.prefix_len, num_frames, tuple(tuple(map(int, s)) for s in sizes),
+                              self.cfg.prev_frame_input)
 
     def tensors(self, layout: SequenceLayout) -> LayoutTensors:
         return layout_tensors(layout, self.cfg.head_dim, self.cfg.rope_base, self.cfg.rope_stretch, self.cfg.rope,
@@ -277,8 +279,8 @@ class VideoAR(nn.Module):
         logits of the video tokens in this rank's slice only."""
         lt = self.tensors(layout)
         n_video = layout.length - layout.prefix_len
-        if features.shape[1:] != (n_video, self.latent_dim):
-            raise ValueError(f"features must be (B, {n_video}, {self.latent_dim}) for this layout, "
+        if features.shape[1:] != (n_video, self.feature_dim):
+            raise ValueError(f"features must be (B, {n_video}, {self.feature_dim}) for this layout, "
                              f"got {tuple(features.shape)}")
         x = torch.cat([self.prefix(cond, drop), self.embed_video(features, lt, 0, n_video)], dim=1)
         keep = self.key_keep(cond, drop, layout.length)

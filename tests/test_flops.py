@@ -26,9 +26,9 @@ D = 8
 SIZES = ((1, 1), (2, 2))  # 5 tokens per frame; 2 frames -> 10 video tokens
 
 
-def tiny_cfg(cond: str = "class") -> VideoARConfig:
+def tiny_cfg(cond: str = "class", **kw) -> VideoARConfig:
     return VideoARConfig(preset="custom", depth=2, width=32, heads=2, cond=cond, num_classes=3, text_len=3,
-                         text_dim=12)
+                         text_dim=12, **kw)
 
 
 def test_hand_count_tiny_class_config():
@@ -66,7 +66,7 @@ def test_hand_count_text_condition():
 
 
 def _counted(model: VideoAR, cond: torch.Tensor, layout, batch: int, math_sdpa: bool, backward: bool = False):
-    feats = torch.randn(batch, layout.length - layout.prefix_len, D)
+    feats = torch.randn(batch, layout.length - layout.prefix_len, model.feature_dim)
     with sdpa_kernel(SDPBackend.MATH) if math_sdpa else contextlib.nullcontext():
         with FlopCounterMode(display=False) as fwd:
             out = model(cond, feats, layout)
@@ -76,9 +76,9 @@ def _counted(model: VideoAR, cond: torch.Tensor, layout, batch: int, math_sdpa: 
     return fwd.get_flop_counts(), bwd.get_flop_counts()
 
 
-@pytest.mark.parametrize("cond_kind", ["class", "text"])
-def test_formula_matches_flop_counter(cond_kind):
-    cfg, batch = tiny_cfg(cond_kind), 2
+@pytest.mark.parametrize("cond_kind, prev_frame", [("class", False), ("text", False), ("text", True)])
+def test_formula_matches_flop_counter(cond_kind, prev_frame):
+    cfg, batch = tiny_cfg(cond_kind, prev_frame_input=prev_frame), 2
     model = VideoAR(cfg, D)
     layout = model.layout_for(2, SIZES)
     cond = torch.tensor([0, 2]) if cond_kind == "class" else torch.randn(batch, 3, 12)

@@ -26,9 +26,10 @@ def _meta_model(cfg: VideoARConfig, latent: int) -> VideoAR:
         return VideoAR(cfg, latent)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small", "L", "XL", "4B"])
-def test_parameter_count_is_the_models(preset):
-    cfg = VideoARConfig(preset=preset, text_len=64)
+@pytest.mark.parametrize("preset, prev_frame", [("tiny", False), ("tiny", True), ("small", False), ("L", False),
+                                                ("XL", False), ("4B", False)])
+def test_parameter_count_is_the_models(preset, prev_frame):
+    cfg = VideoARConfig(preset=preset, text_len=64, prev_frame_input=prev_frame)
     model = _meta_model(cfg, 48)
     assert model_params(cfg, 48) == sum(p.numel() for p in model.parameters())
     split = model.parallel_plan().tp_split

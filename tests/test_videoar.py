@@ -44,6 +44,21 @@ def test_features_follow_the_input_definition():
             torch.testing.assert_close(feats[k][:, t], expected, rtol=0, atol=1e-6)
 
 
+def test_prev_frame_features_append_the_previous_frame_at_each_scale():
+    """videoar.prev_frame_input: each input is followed by the previous frame's full reconstruction resized to
+    the block (zeros on frame 0); the first half is exactly the plain features."""
+    q = MultiScaleBitwiseQuantizer(D, QuantizerConfig(scales=[1, 2, 4]))
+    bits = random_bits(q, 2, 3)
+    plain, both = teacher_forcing_features(q, bits), teacher_forcing_features(q, bits, prev_frame=True)
+    assert both.shape == (*plain.shape[:2], 2 * D) and torch.equal(both[..., :D], plain)
+    prev = split_frames_scales(both[..., D:].contiguous(), 3, q.sizes)
+    for t in range(3):
+        for k in range(3):
+            expected = torch.zeros_like(prev[k][:, t]) if t == 0 else \
+                q.next_input(q.decode([x[:, t - 1] for x in bits]), k)
+            torch.testing.assert_close(prev[k][:, t], expected, rtol=0, atol=1e-6)
+
+
 def test_targets_round_trip():
     q = MultiScaleBitwiseQuantizer(D, QuantizerConfig(scales=[1, 2, 4]))
     bits = random_bits(q, 2, 3)
@@ -148,16 +163,16 @@ def test_flat_rope_changes_the_model_output():
     assert (out_t - out_f).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("rope", ["temporal", "flat"])
-def test_sampler_inputs_mirror_teacher_forcing(rope):
+@pytest.mark.parametrize("rope, prev_frame", [("temporal", False), ("flat", False), ("temporal", True)])
+def test_sampler_inputs_mirror_teacher_forcing(rope, prev_frame):
     """Sampling with every frame given feeds the model exactly the teacher-forcing features: the logits of each
-    block equal the full forward's."""
-    model = tiny_model(rope=rope)
+    block equal the full forward's (also with the previous frame in every input)."""
+    model = tiny_model(rope=rope, prev_frame_input=prev_frame)
     q = MultiScaleBitwiseQuantizer(D, QuantizerConfig(scales=[1, 2, 4]))
     bits = random_bits(q, 2, 3, seed=1)
     c = torch.tensor([1, 0])
     layout = model.layout_for(3, q.sizes)
-    full = model(c, teacher_forcing_features(q, bits), layout)
+    full = model(c, teacher_forcing_features(q, bits, layout.prev_frame), layout)
     seen = []
     hook = model.head.register_forward_hook(lambda m, i, o: seen.append(o))
     res = sample(model, q, c, 3, SamplingConfig(cfg_scale=1.0, temperature=0), given=bits)
