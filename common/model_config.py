@@ -125,7 +125,7 @@ class VideoARConfig:
     rope_stretch: bool = False  # map coarse-scale rows/cols onto the final grid for RoPE (DESIGN §3.4); temporal only
     # each scale's input also carries the previous latent frame's full reconstruction at that scale's size (a second
     # half of the input features; zeros on frame 0): not in the paper, where only scale 0 sees the previous frame.
-    # Demo recipe, same budget: held-out bit loss 0.235 -> 0.207
+    # Demo recipe, same budget: held-out bit loss 0.235 -> 0.202, but fewer samples keep their object (configs/demo.yaml)
     prev_frame_input: bool = False
     # temporal: Multi-scale Temporal RoPE, axes (t, h, w) (DESIGN §3.4) | flat: plain 1-D RoPE over the flattened
     # sequence (token i, prefix included, at position i; every frequency pair on that axis): the ablation baseline
