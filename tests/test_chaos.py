@@ -22,6 +22,7 @@ from data_pipeline.object_store import open_store
 
 from data_pipeline.preprocess import MANIFEST, preprocess
 from data_pipeline.synth import generate_clips
+from parallel.checkpoint_format import committed_steps
 from parallel.launch import free_port
 from tests.conftest import make_cfg, shard_offsets
 from common.config import save_config
@@ -81,12 +82,14 @@ def test_kill_9_of_one_rank_then_relaunch_equals_an_uninterrupted_run(tokenizer_
     reference = by_step(read_jsonl(tmp_path / "reference" / "videoar" / "metrics.jsonl"))
     assert sorted(reference) == list(range(1, STEPS + 1))
 
-    kill_at = random.Random().randint(5, STEPS - 3)  # after the first checkpoint (step 3) is committed
-    print(f"killing rank 1 once step {kill_at} is logged")
+    kill_at = random.Random().randint(5, STEPS - 3)
+    print(f"killing rank 1 once step {kill_at} is logged and a checkpoint is committed")
     metrics = tmp_path / "chaos" / "videoar" / "metrics.jsonl"
     proc = launch(configs["chaos"], wait=False)
     deadline = time.time() + 240
-    while not (metrics.is_file() and any(r["step"] >= kill_at for r in read_jsonl(metrics))):
+    # the saves are asynchronous: step 3's may still be in flight at step 5, so wait for its commit as well
+    while not (metrics.is_file() and any(r["step"] >= kill_at for r in read_jsonl(metrics))
+               and committed_steps(tmp_path / "chaos" / "videoar" / "checkpoints")):
         assert proc.poll() is None and time.time() < deadline, "the run ended before the kill"
         time.sleep(0.01)
     rank1 = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]
