@@ -61,7 +61,7 @@ def gemm_flops(cfg: VideoARConfig, latent_dim: int, prefix_len: int, num_frames:
         "mlp_down": gemm(L, w, hidden),
     }
     flops = {name: depth * f for name, f in per_layer.items()}
-    flops["input_proj"] = gemm(video, w, latent_dim * (2 if cfg.prev_frame_input else 1))
+    flops["input_proj"] = gemm(video, w, cfg.feature_dim(latent_dim))
     flops["cond_proj"] = gemm(prefix_len, w, cfg.text_dim) if cfg.cond == "text" else 0
     flops["head"] = gemm(video, 2 * latent_dim, w)
     return {name: batch * f for name, f in flops.items()}

@@ -185,6 +185,10 @@ class VideoARConfig:
     def prefix_len(self) -> int:
         return self.text_len if self.cond == "text" else 1
 
+    def feature_dim(self, latent_dim: int) -> int:
+        """Width of a token's input features (models/sequence_inputs.py): the latent, twice with prev_frame_input."""
+        return latent_dim * (2 if self.prev_frame_input else 1)
+
 
 CFG_SCHEDULES = ("constant", "ucf", "text")
 

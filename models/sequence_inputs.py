@@ -4,8 +4,9 @@ Input of (frame t, scale k): k >= 1: `next_input(acc_{<k}[t], k)`, the frame's o
 k = 0, t > 0: `next_input(acc_full[t-1], 0)`, the previous frame's full reconstruction; k = 0, t = 0: the SOS
 slot (zeros here, the model puts its learned SOS embedding there). With `prev_frame` (videoar.prev_frame_input)
 every input is followed by `next_input(acc_full[t-1], k)` (zeros for t = 0): the previous frame at the block's
-own size, so a token sees what was at its place a frame ago without attending for it (d -> 2d features). The sampler builds the same inputs one
-block at a time with the same two quantizer functions, so training and sampling cannot disagree.
+own size, so a token sees what was at its place a frame ago without attending for it (d -> 2d features). The
+sampler builds the same inputs one block at a time with the same two quantizer functions, so training and
+sampling cannot disagree.
 Tokens of a block are in row-major (h, w) order, like `SequenceLayout.positions`.
 """
 
@@ -31,15 +32,13 @@ def block_input(q: MultiScaleBitwiseQuantizer, k: int, acc: torch.Tensor | None,
     """Input tokens (N, h_k*w_k, d) of scale k, given the frame's reconstruction so far `acc` (k >= 1) and the
     previous frame's full reconstruction `prev_frame` (k = 0; None on frame 0 gives the zero SOS slot);
     `with_prev` (layout.prev_frame): (N, h_k*w_k, 2d), the previous frame at scale k's size appended."""
-    n, (h, w) = (acc.shape[0] if acc is not None else 1), q.sizes[k]
-    zeros = lambda: torch.zeros(n, h * w, q.dim, dtype=q.dtype, device=q.device)  # noqa: E731
-    if k > 0:
-        x = grid_to_tokens(q.next_input(acc, k))
-    else:
-        x = zeros() if prev_frame is None else grid_to_tokens(q.next_input(prev_frame, 0))
-    if not with_prev:
-        return x
-    return torch.cat([x, zeros() if prev_frame is None else grid_to_tokens(q.next_input(prev_frame, k))], dim=-1)
+    previous = None  # the previous frame at scale k's size (zeros before the first frame), when needed
+    if k == 0 or with_prev:
+        n, (h, w) = (acc.shape[0] if acc is not None else 1), q.sizes[k]
+        previous = torch.zeros(n, h * w, q.dim, dtype=q.dtype, device=q.device) if prev_frame is None \
+            else grid_to_tokens(q.next_input(prev_frame, k))
+    x = grid_to_tokens(q.next_input(acc, k)) if k > 0 else previous
+    return torch.cat([x, previous], dim=-1) if with_prev else x
 
 
 @torch.no_grad()
@@ -57,13 +56,10 @@ def teacher_forcing_features(q: MultiScaleBitwiseQuantizer, bits: list[torch.Ten
             per_scale[k] = grid_to_tokens(q.next_input(acc, k))
         acc = q.add_scale(acc, flat[k], k)
     full = acc.view(b, t, *acc.shape[1:])  # each frame's full reconstruction
-    first = torch.zeros(b, t, q.sizes[0][0] * q.sizes[0][1], q.dim, dtype=acc.dtype, device=acc.device)
-    if t > 1:
-        first[:, 1:] = grid_to_tokens(q.next_input(full[:, :-1].flatten(0, 1), 0)).view(b, t - 1, -1, q.dim)
-    per_scale[0] = first.flatten(0, 1)
+    before = torch.cat([torch.zeros_like(full[:, :1]), full[:, :-1]], dim=1).flatten(0, 1)  # zeros before frame 0
+    per_scale[0] = grid_to_tokens(q.next_input(before, 0))
     frames = torch.cat([x.view(b, t, -1, q.dim) for x in per_scale], dim=2)  # (B, T, tokens_per_frame, d)
     if prev_frame:
-        before = torch.cat([torch.zeros_like(full[:, :1]), full[:, :-1]], dim=1).flatten(0, 1)
         prev = [grid_to_tokens(q.next_input(before, k)).view(b, t, -1, q.dim) for k in range(q.num_scales)]
         frames = torch.cat([frames, torch.cat(prev, dim=2)], dim=-1)
     return frames.flatten(1, 2)

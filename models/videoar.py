@@ -170,7 +170,7 @@ class VideoAR(nn.Module):
         self.null_prefix = nn.Parameter(torch.zeros(cfg.prefix_len, w))
         self.sos_embed = nn.Parameter(torch.zeros(w))
         self.scale_embed = nn.Embedding(cfg.max_scales, w)
-        self.feature_dim = latent_dim * (2 if cfg.prev_frame_input else 1)  # models/sequence_inputs.py
+        self.feature_dim = cfg.feature_dim(latent_dim)
         self.input_proj = nn.Linear(self.feature_dim, w)
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.RMSNorm(w, eps=1e-6)

@@ -99,7 +99,7 @@ def outer_params(cfg: VideoARConfig, latent_dim: int) -> tuple[int, int]:
     input projection; the final norm and the bitwise head."""
     w = cfg.width
     cond = cfg.text_dim * w + w if cfg.cond == "text" else cfg.num_classes * w
-    first = cond + cfg.prefix_len * w + w + cfg.max_scales * w + latent_dim * (2 if cfg.prev_frame_input else 1) * w + w
+    first = cond + cfg.prefix_len * w + w + cfg.max_scales * w + cfg.feature_dim(latent_dim) * w + w
     return first, w + w * 2 * latent_dim + 2 * latent_dim
 
 

@@ -64,11 +64,11 @@ def token_losses(model: VideoAR, quantizer, stage: StageConfig, latents: torch.T
 
 
 def gap_table(gap: torch.Tensor, layout) -> list[list[float]]:
-    """Per-token gaps (L_video,) -> their mean per [latent frame][scale]: where the model reads a word (e.g. a
-    direction read only on the first moving frame's coarse scales, or nowhere)."""
-    frame, scale = (x[layout.prefix_len:].to(gap.device) for x in layout.token_ids())
-    return [[round(float(gap[(frame == t) & (scale == k)].mean()), 6) for k in range(len(layout.sizes))]
-            for t in range(layout.num_frames)]
+    """Per-token gaps (L_video,) -> their mean per [latent frame][scale] (one layout block each): where the model
+    reads a word (e.g. a direction read only on the first moving frame's coarse scales, or nowhere)."""
+    P, K = layout.prefix_len, len(layout.sizes)
+    means = [round(float(gap[b.start - P:b.end - P].mean()), 6) for b in layout.blocks]
+    return [means[t * K:(t + 1) * K] for t in range(layout.num_frames)]
 
 
 @torch.no_grad()
