@@ -141,3 +141,12 @@ def test_cli_measures_drift_beyond_the_trained_length(text_run, clips_dir, token
     assert q["drift"][0] == pytest.approx(float(((rec_u8 - real).abs() / 2).mean()), abs=1e-6)
     meta = json.loads((tmp_path / "samples" / "image-to-video" / "clip-00" / "sample-00.json").read_text())
     assert meta["frames"] == 9 and meta["init_frames"] == 1
+    assert meta["sampling"] == {"cfg_scale": 3.0, "cfg_schedule": "constant", "temperature": 1.0, "top_p": 1.0}
+    # sampling overrides (a guidance sweep) reach the sampler and the sidecars; the run's config is left as it was
+    assert evaluate_main(["--ckpt", str(run_dir / "videoar" / "checkpoints"), "--heldout", str(held), "--captions", "1",
+                          "--drift-clips", "0", "--out", str(tmp_path / "swept"), "--cfg-scale", "5",
+                          "--cfg-schedule", "ucf", "--temperature", "0", "--top-p", "0.8"]) == 0
+    meta = json.loads((tmp_path / "swept" / "text-to-video" / "sample-00.json").read_text())
+    assert meta["sampling"] == {"cfg_scale": 5.0, "cfg_schedule": "ucf", "temperature": 0.0, "top_p": 0.8}
+    with pytest.raises(SystemExit):  # a bad override names its field
+        evaluate_main(["--ckpt", str(run_dir / "videoar" / "checkpoints"), "--heldout", str(held), "--top-p", "0"])

@@ -2,7 +2,8 @@
 
     python -m trainer.evaluate_videos --samples DIR [--json OUT]
     python -m trainer.evaluate_videos --ckpt RUN/videoar/checkpoints --heldout DIR [--captions 16] [--drift-clips 4]
-                                      [--horizon 2] [--out DIR] [--json OUT]
+                                      [--horizon 2] [--out DIR] [--json OUT] [--cfg-scale 3 --cfg-schedule constant
+                                      --temperature 0.5 --top-p 0.9]
     python -m trainer.evaluate_videos --samples DIR --fvd-extractor i3d.pt --reference DIR
 
 --samples: every `*.mp4` in DIR with a `.json` sidecar holding "prompt" or "caption" (generated samples, or the
@@ -10,7 +11,8 @@ synthetic clips themselves: those score ~1.0, a check of the detectors) is score
 colour, shape and direction accuracy and presence across frames.
 --ckpt: samples the checkpoint first (trainer/quality.py): text-to-video for the distinct captions of the held-out
 clips in --heldout, and image-to-video from their first frames, whose drift from the real clips is measured per
-frame up to --horizon x the trained length (the clips must be that long to measure it all).
+frame up to --horizon x the trained length (the clips must be that long to measure it all). Sampling follows the
+run's `sample` settings unless --cfg-scale/--cfg-schedule/--temperature/--top-p override them (a guidance sweep).
 --fvd-extractor: Fréchet video distance between --samples and --reference over the features of a TorchScript
 video network you supply (e.g. an exported I3D; none ships here).
 """
@@ -20,11 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from common.atomic import atomic_write_text
+from common.model_config import CFG_SCHEDULES
 from data_pipeline.clips import read_caption
 from data_pipeline.tokenizer_ckpt import load_tokenizer
 from data_pipeline.video_io import read_video
@@ -71,13 +75,15 @@ def folder_fvd(extractor_path: str, samples: str | Path, reference: str | Path) 
 
 
 def evaluate_checkpoint(ckpt: str, heldout: str, out: str | None, captions: int, drift_clips: int,
-                        horizon: int, seed: int):
-    """Sample a checkpoint for the held-out clips' captions and first frames, and score it."""
+                        horizon: int, seed: int, sampling: dict | None = None):
+    """Sample a checkpoint for the held-out clips' captions and first frames, and score it; `sampling` overrides
+    the run's `sample` settings (cfg_scale, cfg_schedule, temperature, top_p)."""
     clips = sorted(p for p in Path(heldout).glob("*.mp4") if p.with_suffix(".json").is_file()
                    or p.with_suffix(".txt").is_file())
     if not clips:
         raise FileNotFoundError(f"{heldout}: no .mp4 clips with a .json/.txt caption sidecar")
     model, cfg, step = load_videoar(ckpt)
+    cfg = replace(cfg, sample=replace(cfg.sample, **(sampling or {})))
     tokenizer, _, _ = load_tokenizer(cfg.videoar_train.tokenizer_ckpt)
     prompts = unique_captions([read_caption(c) for c in clips], captions) if cfg.videoar.cond == "text" else []
     out_dir = Path(out) if out else Path(ckpt).resolve().parent.parent / "quality" / f"step-{step:08d}"
@@ -97,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--horizon", type=int, default=2, help="with --ckpt: drift up to this x the trained length")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="with --ckpt: where samples go (default: <run>/videoar/quality/step-N)")
+    parser.add_argument("--cfg-scale", type=float, help="with --ckpt: guidance scale (default: the run's config)")
+    parser.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help="with --ckpt: guidance schedule over "
+                                                                      "(frame, scale)")
+    parser.add_argument("--temperature", type=float, help="with --ckpt: per-bit sampling temperature, 0 = greedy")
+    parser.add_argument("--top-p", type=float, help="with --ckpt: per-bit nucleus threshold")
     parser.add_argument("--fvd-extractor", help="TorchScript video network: (B,3,T,H,W) in [-1,1] -> (B,D)")
     parser.add_argument("--reference", help="with --fvd-extractor: folder of real .mp4 videos")
     parser.add_argument("--json", help="write the numbers here")
@@ -108,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {}
     try:
         if args.ckpt:
+            sampling = {k: v for k, v in (("cfg_scale", args.cfg_scale), ("cfg_schedule", args.cfg_schedule),
+                                          ("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
             report, out_dir = evaluate_checkpoint(args.ckpt, args.heldout, args.out, args.captions,
-                                                  args.drift_clips, args.horizon, args.seed)
+                                                  args.drift_clips, args.horizon, args.seed, sampling)
             print(f"{describe(report)}\nsamples: {out_dir}")
             for attribute, table in report.gap_tables.items():  # where the model reads each word
                 print(f"{attribute} gap (nats/bit) by latent frame (rows) and scale (columns):")
