@@ -65,7 +65,8 @@ def finished_tokenizer(cfg: Config) -> TokenizerRun | None:
 
 def train_with_preemption(cfg: Config, preempt_at: int) -> tuple[int, float]:
     """Train on NPROC local processes; once step `preempt_at` is logged, send SIGUSR1 like a scheduler would,
-    then relaunch: the run resumes from the checkpoint written at the signal. Returns (stopped step, seconds)."""
+    then relaunch: the run resumes from the checkpoint written at the signal (`preempt_at` 0: no preemption).
+    Returns (stopped step, seconds)."""
     run_cfg = cfg.run_dir / "videoar-launch.yaml"
     save_config(cfg, run_cfg)
     cmd = [sys.executable, "-m", "jobs.launch", "--nproc", str(NPROC), "--threads", str(max(1, os.cpu_count() // NPROC)),
@@ -74,7 +75,7 @@ def train_with_preemption(cfg: Config, preempt_at: int) -> tuple[int, float]:
     t0 = time.time()
     stopped = 0
     proc = subprocess.Popen(cmd)
-    signalled = False
+    signalled = preempt_at <= 0  # 0 = no simulated preemption (`--preempt-at 0`)
     while proc.poll() is None:
         # records of this launch only: a rerun finds the earlier run's records in the same file
         if not signalled and any(r["step"] >= preempt_at and r.get("time", 0) >= t0 for r in _metric_steps(metrics)):

@@ -9,9 +9,12 @@ import signal
 import pytest
 import torch
 
+from jobs.demo import train_with_preemption
+from parallel.checkpoint_format import committed_steps
 from parallel.launch import run_local
 from tests.conftest import make_cfg
 from common.config import save_config
+from common.metrics import read_jsonl
 from trainer.preemption import EXIT_PREEMPTED
 from trainer.train_videoar import VideoARTrainer, main
 
@@ -66,3 +69,17 @@ def test_ranks_agree_to_stop_when_one_is_signalled(clips_dir, tokenizer_ckpt, tm
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         assert got["preempted"] and got["step"] == 2
         assert got["first"] + got["second"] == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_demo_preempt_at_zero_does_not_preempt(clips_dir, tokenizer_ckpt, tmp_path):
+    """`python -m jobs.demo --preempt-at 0` trains straight through on its two launched processes: no SIGUSR1 (it
+    was sent at the first logged step, since every step is >= 0), one committed checkpoint, the last."""
+    steps = 40  # long enough (a few seconds) for the launcher's 0.5 s poll to see logged steps
+    cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path / "run", STAGE.replace("until_step: 5", f"until_step: {steps}"),
+                   "videoar_train.ckpt_every=1000", "parallel.timeout_s=60")
+    stopped, _ = train_with_preemption(cfg, 0)
+    assert stopped == 0
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "videoar" / "metrics.jsonl") if "loss" in r] == \
+        list(range(1, steps + 1))  # each step once: no redone steps after a resume
+    assert committed_steps(tmp_path / "run" / "videoar" / "checkpoints") == [steps]
