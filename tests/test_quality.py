@@ -14,14 +14,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from common.metrics import psnr, read_jsonl
 from data_pipeline import synth
-from data_pipeline.clips import to_model_input
+from data_pipeline.clips import to_model_input, to_uint8_frames
 from data_pipeline.tokenizer_ckpt import load_tokenizer
 from data_pipeline.video_io import read_video
 from tests.conftest import make_cfg
 from trainer.evaluate_videos import main as evaluate_main
 from trainer.tokenizer_eval import object_color_error, tokenizer_quality
 from trainer.train_videoar import train_videoar
-from trainer.video_metrics import frechet_distance, video_features
+from trainer.video_metrics import caption_scores, frechet_distance, mean_scores, video_features
 
 
 class MeanStdFeatures(torch.nn.Module):
@@ -76,6 +76,12 @@ def test_tokenizer_report_by_scales(tiny_cfg, tokenizer_ckpt, clips_dir):
     assert [k for k in q if k.startswith("psnr_scales")] == ["psnr_scales1", "psnr_scales2", "psnr_scales3"]
     assert q["psnr_scales3"] == q["psnr"] and q["psnr_scales1"] != q["psnr_scales3"]
     assert len([k for k in q if k.startswith("psnr_frame")]) == 5 and -1 <= q["ssim"] <= 1
+    # the reconstructions scored against their captions (the ceiling for sampled videos), as the video metrics do
+    ceiling = mean_scores([caption_scores(r, c) for r, c in zip(to_uint8_frames(recon), captions)])
+    assert {k: q[f"caption_{k}"] for k in ("color", "shape", "direction", "present_90")} == \
+        {k: ceiling[k] for k in ("color", "shape", "direction", "present_90")}
+    real = mean_scores([caption_scores(f, c) for f, c in zip(to_uint8_frames(x), captions)])
+    assert real["color"] == 1.0  # the detectors read the originals; a random tokenizer's reconstructions need not
     assert q["color_error"] >= 0 and recon.shape == x.shape
 
 

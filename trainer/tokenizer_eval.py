@@ -12,7 +12,7 @@ from data_pipeline.clips import to_uint8_frames
 from data_pipeline.synth_detect import color_mask
 from models.tokenizer import VideoTokenizer
 from common.metrics import psnr
-from trainer.video_metrics import parse_caption, psnr_per_frame, ssim_per_frame
+from trainer.video_metrics import caption_scores, mean_scores, parse_caption, psnr_per_frame, ssim_per_frame
 
 
 def object_color_error(original: np.ndarray, recon: np.ndarray, caption: str) -> float | None:
@@ -32,7 +32,8 @@ def tokenizer_quality(model: VideoTokenizer, x: torch.Tensor, captions: list[str
                       ) -> tuple[dict[str, float], torch.Tensor]:
     """(metrics, reconstruction from all scales) for held-out videos x (B, 3, T, H, W) in [-1, 1], in eval mode
     (the training mode is restored). Keys: psnr, ssim, psnr_scales{k} for k = 1..K, psnr_frame{t},
-    color_error (when captions name synthetic-world objects)."""
+    color_error and caption_{color,shape,direction,present_90} (when captions name synthetic-world objects: the
+    reconstructions scored against their captions like sampled videos, the ceiling this tokenizer sets for them)."""
     was_training = model.training
     model.eval()
     bits = model.encode_bits(x)
@@ -51,4 +52,6 @@ def tokenizer_quality(model: VideoTokenizer, x: torch.Tensor, captions: list[str
         errors = [e for e in (object_color_error(o, r, c) for o, r, c in zip(orig, rec, captions)) if e is not None]
         if errors:
             out["color_error"] = float(np.mean(errors))
+        ceiling = mean_scores([caption_scores(r, c) for r, c in zip(rec, captions)])
+        out.update({f"caption_{k}": ceiling[k] for k in ("color", "shape", "direction", "present_90") if k in ceiling})
     return out, recon

@@ -157,7 +157,11 @@ def describe_quality(q: dict[str, float]) -> str:
     scales = ", ".join(f"{q[k]:.1f}" for k in sorted((k for k in q if k.startswith("psnr_scales")),
                                                        key=lambda k: int(k[len("psnr_scales"):])))
     text = f"PSNR {q['psnr']:.2f} dB (by scales used: {scales}), SSIM {q['ssim']:.3f}"
-    return text + (f", object colour error {q['color_error']:.1f}/255" if "color_error" in q else "")
+    text += f", object colour error {q['color_error']:.1f}/255" if "color_error" in q else ""
+    if "caption_color" in q:  # what a sampled video can score at best through this tokenizer
+        text += (f"; reconstructions vs captions: colour {q['caption_color']:.2f}, shape {q['caption_shape']:.2f}, "
+                 f"direction {q['caption_direction']:.2f}, object in >= 90% of frames {q['caption_present_90']:.2f}")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
