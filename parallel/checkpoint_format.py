@@ -10,7 +10,8 @@ Format 2 (before 2026-12-04: tensors inside the rank shards, or DeepSpeed's own 
 A step directory is built under a temporary name, each rank fsyncs and hashes its own shard, `metadata.json`
 (format, step, a digest per file with its algorithm, a digest per DCP chunk, config) is the commit marker, then
 the directory is renamed into place and `latest` is updated. Resume picks the newest committed step, verifies
-every checksum and falls back to the previous step when one is corrupted. Shards are loaded with `torch.load(weights_only=True)`: no pickled code runs.
+every checksum and falls back to the previous step when one is corrupted. Shards are loaded with
+`torch.load(weights_only=True)`: no pickled code runs.
 
 Layout-free slices: every rank saves its model and AdamW state *by parameter name* (the dense model's names,
 tensor-parallel shards as slices along the plan's `tp_split`, saved in the metadata), so any other dp x pp x tp

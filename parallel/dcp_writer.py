@@ -4,10 +4,11 @@
 where bytes go) whose streams
 - hash every byte written once (large writes on a second core, concurrently with their copy into the page
   cache, by a thread the stream starts, so it inherits the writer's priority): one xxh3-128 per segment between
-  two `tell()` calls. DCP asks `tell()` before and after each saved item (its `offset` and `length` in `.metadata`), so each item is one segment; after the
-  write every item DCP reports is checked against the segment at its offset (same start, same length), so the
-  digests are exactly those a re-read of the file gives (`dcp_format.chunk_digests`), and the file is never read
-  back. The file's digest derives from its segments' (`digests.items_digest`: the segments tile the file);
+  two `tell()` calls. DCP asks `tell()` before and after each saved item (its `offset` and `length` in
+  `.metadata`), so each item is one segment; after the write every item DCP reports is checked against the
+  segment at its offset (same start, same length), so the digests are exactly those a re-read of the file gives
+  (`dcp_format.chunk_digests`), and the file is never read back. The file's digest derives from its segments'
+  (`digests.items_digest`: the segments tile the file);
 - fdatasync the file every 20 ms from a thread once it holds `WRITE_BEHIND_BYTES` (`common.atomic.
   flushing_behind`), so the disk writes while DCP serializes and DCP's own closing fsync (kept: `sync_files`)
   waits only for the tail. DCP closes the stream inside `create_stream`'s block, so `close()` stops the thread

@@ -28,13 +28,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.atomic import atomic_write_text
-from common.model_config import CFG_SCHEDULES
 from data_pipeline.clips import read_caption
 from data_pipeline.tokenizer_ckpt import load_tokenizer
 from data_pipeline.video_io import read_video
 from trainer.caption_sensitivity import clip_latents
 from trainer.quality import describe, evaluate_quality, unique_captions
-from trainer.sample import load_videoar
+from trainer.sample import add_sampling_args, load_videoar, sampling_overrides
 from trainer.video_metrics import caption_scores, fvd, load_feature_extractor, mean_scores
 
 
@@ -103,11 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--horizon", type=int, default=2, help="with --ckpt: drift up to this x the trained length")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="with --ckpt: where samples go (default: <run>/videoar/quality/step-N)")
-    parser.add_argument("--cfg-scale", type=float, help="with --ckpt: guidance scale (default: the run's config)")
-    parser.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help="with --ckpt: guidance schedule over "
-                                                                      "(frame, scale)")
-    parser.add_argument("--temperature", type=float, help="with --ckpt: per-bit sampling temperature, 0 = greedy")
-    parser.add_argument("--top-p", type=float, help="with --ckpt: per-bit nucleus threshold")
+    add_sampling_args(parser)  # with --ckpt
     parser.add_argument("--fvd-extractor", help="TorchScript video network: (B,3,T,H,W) in [-1,1] -> (B,D)")
     parser.add_argument("--reference", help="with --fvd-extractor: folder of real .mp4 videos")
     parser.add_argument("--json", help="write the numbers here")
@@ -119,10 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {}
     try:
         if args.ckpt:
-            sampling = {k: v for k, v in (("cfg_scale", args.cfg_scale), ("cfg_schedule", args.cfg_schedule),
-                                          ("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
             report, out_dir = evaluate_checkpoint(args.ckpt, args.heldout, args.out, args.captions,
-                                                  args.drift_clips, args.horizon, args.seed, sampling)
+                                                  args.drift_clips, args.horizon, args.seed, sampling_overrides(args))
             print(f"{describe(report)}\nsamples: {out_dir}")
             for attribute, table in report.gap_tables.items():  # where the model reads each word
                 print(f"{attribute} gap (nats/bit) by latent frame (rows) and scale (columns):")

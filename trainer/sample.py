@@ -207,6 +207,19 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """--cfg-scale/--cfg-schedule/--temperature/--top-p: per-call overrides of the run's `sample` settings."""
+    parser.add_argument("--cfg-scale", type=float, help="guidance for the constant schedule (default: run config)")
+    parser.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help="guidance schedule over (frame, scale)")
+    parser.add_argument("--temperature", type=float, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, help="per-bit nucleus threshold")
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    """The `sample` fields given by `add_sampling_args`' options (absent ones keep the run's)."""
+    return {k: v for k in ("cfg_scale", "cfg_schedule", "temperature", "top_p") if (v := getattr(args, k)) is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -216,10 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class-id", action="append", type=int, default=[], help="class id (class-conditioned model)")
     parser.add_argument("--init", help="image or video whose first frames are given (image-to-video, continuation)")
     parser.add_argument("--init-frames", type=int, default=1, help="video frames of --init to keep: 1 + k * tau")
-    parser.add_argument("--cfg-scale", type=float, help="guidance for the constant schedule (default: run config)")
-    parser.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help="guidance schedule over (frame, scale)")
-    parser.add_argument("--temperature", type=float, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, help="per-bit nucleus threshold")
+    add_sampling_args(parser)
     parser.add_argument("--stage", help="curriculum stage whose resolution/length/scales to use (default: last)")
     parser.add_argument("--tokenizer", help="tokenizer checkpoint (default: the one the run was trained with)")
     parser.add_argument("--frames", type=int, help="video frames to generate, 1 + k * tau (default: the stage's "
@@ -235,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        overrides = {k: v for k, v in (("cfg_scale", args.cfg_scale), ("cfg_schedule", args.cfg_schedule),
-                                       ("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
+        overrides = sampling_overrides(args)
         out_dir = args.out or Path(args.ckpt).resolve().parent.parent / "samples"
         out = sample_to_files(args.ckpt, out_dir, args.prompt, args.class_id, overrides, args.stage, args.init,
                               args.init_frames, args.seed, args.tokenizer, args.device, args.frames, args.extend,
