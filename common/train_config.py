@@ -170,6 +170,11 @@ class VideoARTrainConfig:
     # (curriculum flip_start = flip_end = 0).
     flip_inherit: bool = True
     scale_loss_weight: str = "none"  # none | sqrt_area: coarse-scale tokens weigh sqrt(H*W / (h_k*w_k)) (Infinity)
+    # Weight (times the above) of scales 1..motion_loss_scales of every latent frame after the first, where a frame's
+    # motion is decided: few tokens, so without it the model copies the previous frame unshifted (measured on the
+    # demo; models/objective.py scale_loss_weights). 1 = off.
+    motion_loss_weight: float = 1.0
+    motion_loss_scales: int = 2
     log_every: int = 10
     ckpt_every: int = 100  # also at every stage switch and at the end
     keep_last: int = 3  # committed checkpoints kept
@@ -196,6 +201,8 @@ class VideoARTrainConfig:
         check(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0 (0 disables)")
         check_choice(f"{p}.precision", self.precision, ("fp32", "bf16"))
         check_choice(f"{p}.scale_loss_weight", self.scale_loss_weight, SCALE_LOSS_WEIGHTS)
+        check(self.motion_loss_weight > 0 and self.motion_loss_scales >= 1, f"{p}.motion_loss_weight/_scales",
+              f"need weight > 0 and scales >= 1, got {self.motion_loss_weight}, {self.motion_loss_scales}")
         check(0 <= self.flip_p_min <= 1 and self.flip_delta >= 0, f"{p}.flip_p_min/flip_delta",
               "need p_min in [0, 1] and delta >= 0")
 

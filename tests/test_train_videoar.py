@@ -77,6 +77,14 @@ def test_scale_loss_weights_and_the_weighted_bit_loss():
     assert torch.allclose(weighted, (tl / 2 * w).mean())  # tl: per-token bit-mean loss summed over the batch
     with pytest.raises(ValueError, match="scale_loss_weight: 'cubic' is not one of"):
         scale_loss_weights(layout, "cubic")
+    # motion weight: scales 1..motion_scales of frames after the first, on top of the per-scale weight
+    m = scale_loss_weights(layout, "none", 5.0, 1)
+    raw = torch.tensor([1.0] * 21 + [1.0] + [5.0] * 4 + [1.0] * 16)  # frame 0 untouched; frame 1's 2x2 scale x5
+    assert torch.allclose(m, raw * 42 / raw.sum())
+    both = scale_loss_weights(layout, "sqrt_area", 3.0, 2)
+    raw = torch.tensor(per_frame + [4.0] + [6.0] * 4 + [3.0] * 16)  # frame 1: scales 1 and 2 tripled
+    assert torch.allclose(both, raw * 42 / raw.sum())
+    assert scale_loss_weights(layout, "none", 1.0, 2) is None
 
 
 def test_overfit_then_greedy_sampling_reproduces_training_bits(clips_dir, tokenizer_ckpt, tmp_path):

@@ -158,7 +158,8 @@ class VideoARTrainer:
             micro = prepare_batch(q, layout, batch.latents.to(self.device), batch.cond.to(self.device), part,
                                   self.cfg.videoar.cond_drop, p_max, t.flip_p_min, t.flip_delta, gens, t.flip_inherit)
             out.append((micro, BitObjective(layout.length - layout.prefix_len,
-                                            scale_loss_weights(layout, t.scale_loss_weight)), layout))
+                                            scale_loss_weights(layout, t.scale_loss_weight, t.motion_loss_weight,
+                                                               t.motion_loss_scales)), layout))
         return out
 
     def train_step(self) -> dict:
