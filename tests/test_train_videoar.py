@@ -87,6 +87,22 @@ def test_scale_loss_weights_and_the_weighted_bit_loss():
     assert scale_loss_weights(layout, "none", 1.0, 2) is None
 
 
+def test_motion_loss_weight_reaches_the_objective(clips_dir, tokenizer_ckpt, tmp_path, monkeypatch):
+    """videoar_train.motion_loss_weight/_scales are what the trainer's objective weighs tokens by; bad values are
+    refused by name."""
+    import trainer.train_videoar as tv
+    from common.validation import ConfigError
+    seen = []
+    real = tv.scale_loss_weights
+    monkeypatch.setattr(tv, "scale_loss_weights", lambda *a: seen.append(a[1:]) or real(*a))
+    cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path, TWO_STAGES, "videoar_train.motion_loss_weight=4",
+                   "videoar_train.motion_loss_scales=1")
+    train_videoar(cfg, progress=False, max_steps=1)
+    assert seen and set(seen) == {("none", 4.0, 1)}
+    with pytest.raises(ConfigError, match="motion_loss_weight"):
+        make_cfg(clips_dir, tokenizer_ckpt, tmp_path, TWO_STAGES, "videoar_train.motion_loss_weight=0")
+
+
 def test_overfit_then_greedy_sampling_reproduces_training_bits(clips_dir, tokenizer_ckpt, tmp_path):
     """Six clips, one class each, no condition dropout or bit flips: the loss must fall far below ln 2 and
     greedy sampling with cfg 1 must rebuild the clips' bits."""
