@@ -197,7 +197,9 @@ def _tiled_forward(q, k, v, mask: SparseMask) -> torch.Tensor:
             lse = torch.logsumexp(s, dim=-1)
             p = torch.exp(s - lse.nan_to_num(neginf=0.0)[..., None])  # rows without a partial key: p = 0
             parts.append((p @ v[:, :, keys], lse))
-        if len(parts) == 1:
+        if not parts:  # no key visible to this tile row (every key padding): zeros, as flex gives such rows
+            out[:, :, qs] = 0
+        elif len(parts) == 1:
             out[:, :, qs] = parts[0][0]
         else:
             (o1, l1), (o2, l2) = parts
@@ -236,7 +238,7 @@ class _TiledBackward(torch.autograd.Function):
         for qs, keys, allowed in _rows(ctx.mask, q):
             kc, vc = k[:, :, keys], v[:, :, keys]
             s = ((q[:, :, qs] @ kc.transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))
-            p = torch.softmax(s, dim=-1)
+            p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with no allowed key: p = 0, as its output is 0
             _add(dv, keys, p.transpose(-1, -2) @ d_out[:, :, qs])
             ds = p * (d_out[:, :, qs] @ vc.transpose(-1, -2) - delta[:, :, qs]) * scale
             dq[:, :, qs] = ds @ kc

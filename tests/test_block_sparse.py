@@ -75,6 +75,31 @@ def test_flex_equals_dense_sdpa_values_and_gradients(name, window, p_mask, padde
             torch.testing.assert_close(attend(q, k, v, mask, kernel), ref, rtol=0, atol=1e-5, msg=kernel)
 
 
+def test_rows_that_see_no_key_give_zeros_like_flex():
+    """Every key padding (what a pipeline stage's shape inference can feed: placeholder key-keep tables) leaves
+    tile rows with no visible key: the tiled kernel gives them zeros and zero gradients, as flex does, instead of
+    failing (it raised "not enough values to unpack" in a CI run of the pipeline test)."""
+    layout = LAYOUTS["demo"]
+    keep = torch.zeros(2, layout.length, dtype=torch.bool)
+    keep[1] = True  # sample 1 is normal, so the tiles of sample 0 alone are empty
+    keep[1, 3:layout.prefix_len] = False
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, layout.length, 16, generator=g, requires_grad=True) for _ in range(3))
+    dense = block_causal_mask(layout).expand(2, -1, -1) & keep[:, None, :]
+    ref = F.scaled_dot_product_attention(q[1:], k[1:], v[1:], attn_mask=dense[1:, None])
+    for name, mask in (("sample 0 hidden", block_mask(layout, 2, None, keep)),
+                       ("all hidden", block_mask(layout, 2, None, torch.zeros_like(keep)))):
+        for kernel in ("flex_eager", "tiled"):
+            out = attend(q, k, v, mask, kernel)
+            assert torch.equal(out[0], torch.zeros_like(out[0])), (name, kernel)
+            if name == "sample 0 hidden":
+                torch.testing.assert_close(out[1:], ref, rtol=0, atol=1e-5, msg=kernel)
+            dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+            assert torch.equal(dq[0], torch.zeros_like(dq[0])) and torch.equal(dv[0], torch.zeros_like(dv[0]))
+            with torch.no_grad():
+                assert torch.equal(attend(q, k, v, mask, kernel)[0], torch.zeros_like(out[0])), (name, kernel)
+
+
 def test_compiled_flex_equals_dense_sdpa():
     """The compiled flex kernel (CUDA's default; on CPU when videoar.sparse_kernel=flex) on the demo layout with a
     frame mask and text padding: forward values and (tiled backward) gradients within 1e-5 (one ~20 s compile)."""
