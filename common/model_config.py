@@ -123,6 +123,9 @@ class VideoARConfig:
     qk_norm: bool = True
     rope_base: float = 10000.0
     rope_stretch: bool = False  # map coarse-scale rows/cols onto the final grid for RoPE (DESIGN §3.4); temporal only
+    # with rope_stretch: rows/cols in cells of a fixed rope_grid-row grid over the picture (0: the stage's own final
+    # grid), so a displacement is the same angle at every curriculum resolution (a low-res stage's motion transfers)
+    rope_grid: int = 0
     # each scale's input also carries the previous latent frame's full reconstruction at that scale's size (a second
     # half of the input features; zeros on frame 0): not in the paper, where only scale 0 sees the previous frame.
     # Demo recipe, same budget: held-out bit loss 0.235 -> 0.202, but fewer samples keep their object (configs/demo.yaml)
@@ -168,6 +171,9 @@ class VideoARConfig:
         check(self.text_len >= 1 and self.text_dim >= 1, f"{p}.text_len/text_dim", "must be >= 1")
         check(0.0 <= self.cond_drop < 1.0, f"{p}.cond_drop", f"must be in [0, 1), got {self.cond_drop}")
         check(self.max_scales >= 1, f"{p}.max_scales", "must be >= 1")
+        check(self.rope_grid >= 0, f"{p}.rope_grid", f"must be >= 0, got {self.rope_grid}")
+        check(self.rope_grid == 0 or self.rope_stretch, f"{p}.rope_grid",
+              "sets the unit of stretched positions: it needs videoar.rope_stretch=true")
         check(self.mlp_hidden_size is None or self.mlp_hidden_size >= 1, f"{p}.mlp_hidden_size",
               f"must be >= 1 (or unset), got {self.mlp_hidden_size}")
 

@@ -65,16 +65,20 @@ class SequenceLayout:
             frame[b.start:b.end], scale[b.start:b.end] = b.frame, b.scale
         return frame, scale
 
-    def positions(self, rope_stretch: bool = False, rope: str = "temporal") -> torch.Tensor:
+    def positions(self, rope_stretch: bool = False, rope: str = "temporal", rope_grid: int = 0) -> torch.Tensor:
         """Multi-scale temporal RoPE positions (L, 3) as (t, h, w) (DESIGN §3.4): prefix token i -> (i, i, i);
         video token (frame t, row r, col c) of any scale -> (t+P, r+P, c+P). With `rope_stretch` a coarse scale's
-        row/col index is mapped onto the final grid (r * H / h_k) instead of the raw index.
+        row/col index is mapped onto the final grid (r * H / h_k) instead of the raw index; `rope_grid` G > 0 measures
+        it in cells of a G-row grid over the picture instead (r * G / h_k, c * G * (W / H) / w_k), the same unit at
+        every stage resolution.
         `rope="flat"` (`videoar.rope`): plain 1-D positions (L, 1), token i of the sequence -> i."""
         if rope == "flat":
             return torch.arange(self.length, dtype=torch.float32)[:, None]
         if rope != "temporal":
             raise ValueError(f"videoar.rope: {rope!r} is not one of {list(ROPE_MODES)}")
         P, (H, W) = self.prefix_len, self.sizes[-1]
+        if rope_grid:
+            H, W = rope_grid, rope_grid * W / H
         pos = torch.empty(self.length, 3, dtype=torch.float32)
         pos[:P] = torch.arange(P, dtype=torch.float32)[:, None]
         for b in self.blocks:

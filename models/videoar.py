@@ -143,11 +143,11 @@ class LayoutTensors:
 
 @lru_cache(maxsize=32)
 def layout_tensors(layout: SequenceLayout, head_dim: int, base: float, stretch: bool, rope: str,
-                   device: torch.device = torch.device("cpu")) -> LayoutTensors:
+                   device: torch.device = torch.device("cpu"), grid: int = 0) -> LayoutTensors:
     """Built once per (layout, RoPE settings, device), on the device the model's parameters live on."""
     _, scale = layout.token_ids()
     first = layout.blocks[0]
-    angles = rope_angles(layout.positions(stretch, rope), head_dim, base).float()
+    angles = rope_angles(layout.positions(stretch, rope, grid), head_dim, base).float()
     return LayoutTensors(scale[layout.prefix_len:].to(device), angles.to(device), rope_rotation(angles).to(device),
                          slice(0, first.end - layout.prefix_len))
 
@@ -212,7 +212,7 @@ class VideoAR(nn.Module):
 
     def tensors(self, layout: SequenceLayout) -> LayoutTensors:
         return layout_tensors(layout, self.cfg.head_dim, self.cfg.rope_base, self.cfg.rope_stretch, self.cfg.rope,
-                              self.device)
+                              self.device, self.cfg.rope_grid)
 
     @property
     def device(self) -> torch.device:

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from common.model_config import VideoARConfig
 from models.attention_mask import block_causal_mask, frame_visibility
 from models.layout import SequenceLayout
 from models.rope import apply_rope, axis_pairs, rope_angles
@@ -93,6 +94,22 @@ def test_rope_positions_follow_the_formula():
     assert stretched[LAYOUT.blocks[0].start].tolist() == [P, P, P]
     small = SequenceLayout(0, 1, ((2, 2), (4, 4)))
     assert small.positions(rope_stretch=True)[:4].tolist() == [[0, r, c] for r in (0, 2) for c in (0, 2)]
+
+
+def test_rope_grid_gives_one_unit_at_every_stage_resolution():
+    """`videoar.rope_grid`: a low-res stage (4x4 grid) and the full stage (8x8) measure positions in the same cells of
+    the picture, so the same displacement of the picture is the same RoPE offset in both; non-square grids keep
+    square cells (columns scale by W/H)."""
+    low, full = SequenceLayout(0, 1, ((2, 2), (4, 4))), SequenceLayout(0, 1, ((2, 2), (4, 4), (8, 8)))
+    lo, fu = low.positions(True, rope_grid=8), full.positions(True, rope_grid=8)
+    assert lo[:4].equal(fu[:4])  # the 2x2 scale: rows/cols 0, 4 in both
+    assert lo[4:].tolist() == [[0, 2 * r, 2 * c] for r in range(4) for c in range(4)]  # a 4x4 cell is 2 units
+    assert fu[4:20].equal(lo[4:]) and full.positions(True)[4:20].equal(fu[4:20])  # the full stage: as plain stretch
+    wide = SequenceLayout(0, 1, ((1, 2), (2, 4))).positions(True, rope_grid=4)
+    assert wide[:2].tolist() == [[0, 0, 0], [0, 0, 4]] and wide[2:].tolist() == [
+        [0, 2 * r, 2 * c] for r in range(2) for c in range(4)]
+    with pytest.raises(ValueError, match="rope_grid"):
+        VideoARConfig(rope_grid=8)  # without rope_stretch
 
 
 def test_rope_axis_split_and_relative_property():
