@@ -23,6 +23,9 @@ class StageConfig:
     flip_end: float = 0.0  # ... ramped linearly to this at its last step; 0 and 0 = plain teacher forcing
     p_mask: float = 0.0  # Random Frame Mask drop probability of each history frame (training only)
     window: int = 0  # history frames visible to a frame (0 = all)
+    # this stage's videoar_train.motion_loss_weight (unset: that one): e.g. a strong weight in a cheap low-res stage
+    # where motion is learned, a light one at full resolution where it costs the frames' detail
+    motion_loss_weight: float | None = None
     # Joint image-video training (the paper's stages I/II): `image_batch` of the `global_batch` samples of every
     # step are images (frames = 1) at `image_resolution` with the scale schedule `image_scales` (defaults: the
     # stage's own); the rest are `frames`-long clips. 0 = video only; = global_batch: images only.
@@ -54,6 +57,8 @@ class StageConfig:
             check(0.0 <= v <= 1.0, f"{p}.{name}", f"must be in [0, 1], got {v}")
         check(0.0 <= self.p_mask < 1.0, f"{p}.p_mask", f"must be in [0, 1), got {self.p_mask}")
         check(self.window >= 0, f"{p}.window", f"must be >= 0, got {self.window}")
+        check(self.motion_loss_weight is None or self.motion_loss_weight > 0, f"{p}.motion_loss_weight",
+              f"must be > 0 (or unset), got {self.motion_loss_weight}")
         check(0 <= self.image_batch <= self.global_batch and self.image_batch % per == 0,
               f"{p}.image_batch", f"must be a multiple of micro_batch ({self.micro_batch}) in [0, global_batch="
               f"{self.global_batch}], got {self.image_batch}")

@@ -101,6 +101,15 @@ def test_motion_loss_weight_reaches_the_objective(clips_dir, tokenizer_ckpt, tmp
     assert seen and set(seen) == {("none", 4.0, 1)}
     with pytest.raises(ConfigError, match="motion_loss_weight"):
         make_cfg(clips_dir, tokenizer_ckpt, tmp_path, TWO_STAGES, "videoar_train.motion_loss_weight=0")
+    # a stage's own weight wins over videoar_train's: stage "low" (steps 1-3) 6, stage "high" the global 4
+    seen.clear()
+    cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path / "staged", TWO_STAGES, "videoar_train.motion_loss_weight=4",
+                   "curriculum.0.motion_loss_weight=6")
+    train_videoar(cfg, progress=False, max_steps=4)
+    assert set(seen) == {("none", 6.0, 2), ("none", 4.0, 2)} and seen[0] == ("none", 6.0, 2) \
+        and seen[-1] == ("none", 4.0, 2)
+    with pytest.raises(ConfigError, match=r"curriculum\[low\].motion_loss_weight"):
+        make_cfg(clips_dir, tokenizer_ckpt, tmp_path, TWO_STAGES, "curriculum.0.motion_loss_weight=-1")
 
 
 def test_overfit_then_greedy_sampling_reproduces_training_bits(clips_dir, tokenizer_ckpt, tmp_path):

@@ -153,13 +153,14 @@ class VideoARTrainer:
         """(micro-batch, objective, layout) of each stage part's loaded batch: CFEC, frame mask, condition dropout."""
         t, out = self.cfg.videoar_train, []
         for (_, part, q), batch in zip(self.parts, batches):
+            motion = t.motion_loss_weight if part.motion_loss_weight is None else part.motion_loss_weight
             layout = self.model.layout_for(batch.latents.shape[1], q.sizes)
             gens = [sample_generator(self.cfg.run.seed, self.state.step, j) for j in batch.positions]
             micro = prepare_batch(q, layout, batch.latents.to(self.device), batch.cond.to(self.device), part,
                                   self.cfg.videoar.cond_drop, p_max, t.flip_p_min, t.flip_delta, gens, t.flip_inherit)
             out.append((micro, BitObjective(layout.length - layout.prefix_len,
-                                            scale_loss_weights(layout, t.scale_loss_weight, t.motion_loss_weight,
-                                                               t.motion_loss_scales)), layout))
+                                            scale_loss_weights(layout, t.scale_loss_weight, motion, t.motion_loss_scales)),
+                        layout))
         return out
 
     def train_step(self) -> dict:
