@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from common.precision import PRECISIONS
 from common.validation import ConfigError, check, check_choice
 
 SCALE_LOSS_WEIGHTS = ("none", "sqrt_area")  # videoar_train.scale_loss_weight (models/objective.py)
@@ -130,6 +131,9 @@ class TokenizerTrainConfig:
     perceptual_weight: float = 0.0  # weight of the perceptual feature distance; 0 = off (needs perceptual_net)
     perceptual_net: str = ""  # TorchScript file: frames (N,3,H,W) in [-1,1] -> features (tensor or list); none ships
     perceptual_distance: str = "l2"  # l2 | l1: mean squared / absolute feature difference
+    # fp32 | bf16 | auto (bf16 where it is fast: CUDA, a CPU with AMX; common/precision.py): autocast of the encoder
+    # and decoder convs; the quantizer and the losses stay fp32
+    precision: str = "fp32"
     # Inflation (DESIGN §3.1): a 2D image tokenizer checkpoint dir (tokenizer.time_kernel=1,
     # tokenizer.temporal_compression=1, otherwise the same tokenizer/quantizer) loaded into the 3D one before step 1;
     # "" = train from scratch
@@ -155,6 +159,7 @@ class TokenizerTrainConfig:
               f"perceptual_weight={self.perceptual_weight} needs a TorchScript feature network path (none ships)")
         check_choice(f"{p}.perceptual_distance", self.perceptual_distance, ("l2", "l1"))
         check_choice(f"{p}.init_mode", self.init_mode, ("zero", "random"))  # models/tokenizer.py inflate_from_2d
+        check_choice(f"{p}.precision", self.precision, PRECISIONS)
 
 
 @dataclass
@@ -167,7 +172,7 @@ class VideoARTrainConfig:
     weight_decay: float = 0.05  # none on norms, biases, embeddings
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | auto: bf16 where it is fast (CUDA, AMX CPU; common/precision.py)
     flip_p_min: float = 0.0  # CFEC p_min (DESIGN §3.6); p_max comes from the curriculum
     flip_delta: float = 0.01  # CFEC per-frame increase of the flip-ratio bounds; 0 = the same bounds for every frame
     # CFEC error inheritance: a frame's first-scale ratio is drawn from U(max(lo, previous frame's final ratio), hi);
@@ -204,7 +209,7 @@ class VideoARTrainConfig:
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas",
               f"must be two numbers in [0, 1), got {list(self.betas)}")
         check(self.grad_clip >= 0, f"{p}.grad_clip", "must be >= 0 (0 disables)")
-        check_choice(f"{p}.precision", self.precision, ("fp32", "bf16"))
+        check_choice(f"{p}.precision", self.precision, PRECISIONS)
         check_choice(f"{p}.scale_loss_weight", self.scale_loss_weight, SCALE_LOSS_WEIGHTS)
         check(self.motion_loss_weight > 0 and self.motion_loss_scales >= 1, f"{p}.motion_loss_weight/_scales",
               f"need weight > 0 and scales >= 1, got {self.motion_loss_weight}, {self.motion_loss_scales}")

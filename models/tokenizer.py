@@ -126,9 +126,12 @@ class VideoTokenizer(nn.Module):
         return z.reshape(batch, bt // batch, d, h, w).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> TokenizerOutput:
-        latent = self.encode_latent(x)
-        quant = self.quantizer(self.frames_to_batch(latent))
-        recon = self.decode_latent(self.batch_to_frames(quant.quantized, x.shape[0]))
+        """Under autocast (bf16 training) the encoder and decoder convs run in bf16; the quantizer's residual sums,
+        bit decisions and aux losses, and the returned tensors, stay fp32."""
+        latent = self.encode_latent(x).float()
+        with torch.autocast(x.device.type, enabled=False):
+            quant = self.quantizer(self.frames_to_batch(latent))
+        recon = self.decode_latent(self.batch_to_frames(quant.quantized, x.shape[0])).float()
         return TokenizerOutput(recon, latent, quant)
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ from torch import nn
 
 from common.job_config import ParallelConfig
 from common.parallel_plan import ParallelPlan
+from common.precision import autocast_dtype
 from parallel import checkpoint_format as fmt
 from parallel.safe_load import WeightsOnlyCheckpointEngine
 from parallel.engine import Objective, clean_name, combine_groups, optimizer_and_schedule, poison_if_nonfinite
@@ -68,7 +69,7 @@ def deepspeed_config(pcfg: ParallelConfig, tcfg, topo: Topology, global_batch: i
                               "stage3_prefetch_bucket_size": int(0.9 * width * width),
                               "stage3_param_persistence_threshold": 10 * width},
         "zero_allow_untested_optimizer": True,  # torch.optim.AdamW as the client optimizer
-        "bf16": {"enabled": tcfg.precision == "bf16" and device == "cuda"},
+        "bf16": {"enabled": device == "cuda" and autocast_dtype(tcfg.precision, device) is not None},
         # bf16 parameters; gradients accumulated over micro-batches in parallel.grad_accum_dtype (fp32 by default:
         # ZeRO-1 then runs DeepSpeed's BF16_Optimizer, ZeRO-2/3 reduce into fp32 partitions) and reduced in fp32
         "data_types": {"grad_accum_dtype": pcfg.grad_accum_dtype},

@@ -132,7 +132,8 @@ def plan(cfg: Config, gpus: int, gpu: str = "h100", mfu: float = 0.4, usable: fl
          stages: list[str] | None = None) -> dict:
     """The planner's whole answer as plain data (what --json prints)."""
     spec = GPUS[gpu]
-    prec = Precision("bf16" if cfg.videoar_train.precision == "bf16" else "fp32", cfg.parallel.grad_accum_dtype,
+    bf16 = cfg.videoar_train.precision != "fp32"  # auto is bf16 on the GPUs planned for
+    prec = Precision("bf16" if bf16 else "fp32", cfg.parallel.grad_accum_dtype,
                      "sdpa" if cfg.videoar.attention == "sdpa" else "flex", cfg.parallel.pp_schedule)
     out = {"gpus": gpus, "gpu": asdict(spec), "mfu": mfu, "usable": usable, "precision": asdict(prec),
            "parameters": model_params(cfg.videoar, cfg.tokenizer.latent_dim), "stages": {}}
