@@ -2,7 +2,7 @@
 
 `auto` picks bf16 only where bf16 matmuls and convolutions are fast: a CUDA device with bf16 support, or a CPU with
 AMX tiles (oneDNN's bf16 kernels; measured on a 2-core Sapphire Rapids: demo tokenizer step 0.106 -> 0.066 s,
-VideoAR step 0.224 -> 0.184 s). Elsewhere bf16 is emulated and slower, so `auto` stays fp32.
+VideoAR full-stage step 0.236 -> 0.207 s). Elsewhere bf16 is emulated and slower, so `auto` stays fp32.
 """
 
 from __future__ import annotations
