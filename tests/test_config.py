@@ -134,10 +134,10 @@ def test_cluster_presets_build_the_paper_shapes_on_valid_layouts(name, sizes, wo
 
 
 def test_one_curriculum_stage_is_overridable_by_index():
-    cfg = load_config(ROOT / "configs/demo.yaml", ["curriculum.1.until_step=900", "curriculum.0.flip_end=0.2",
+    cfg = load_config(ROOT / "configs/demo.yaml", ["curriculum.1.until_step=1900", "curriculum.0.flip_end=0.2",
                                                    "videoar_train.lr=0.01"])
-    assert cfg.curriculum[1].until_step == 900 and isinstance(cfg.curriculum[1].until_step, int)
-    assert cfg.curriculum[0].flip_end == 0.2 and cfg.curriculum[0].until_step == 200 and cfg.videoar_train.lr == 0.01
+    assert cfg.curriculum[1].until_step == 1900 and isinstance(cfg.curriculum[1].until_step, int)
+    assert cfg.curriculum[0].flip_end == 0.2 and cfg.curriculum[0].until_step == 1000 and cfg.videoar_train.lr == 0.01
     with pytest.raises(ConfigError, match=r"curriculum\.7\.until_step: no such list element"):
         load_config(ROOT / "configs/demo.yaml", ["curriculum.7.until_step=3"])
     with pytest.raises(ConfigError, match=r"curriculum\[low-res\]\.until_step: must be >= 1"):
