@@ -19,10 +19,10 @@ def fast_bf16(device: torch.device | str) -> bool:
     """Does this device run bf16 GEMMs/convs natively (faster than fp32)?"""
     import torch
 
-    device = torch.device(device)
-    if device.type == "cuda":
+    device_type = torch.device(device).type
+    if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
+    if device_type == "cpu":
         return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
     return False
 
@@ -36,3 +36,11 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
     if precision == "bf16" or (precision == "auto" and fast_bf16(device)):
         return torch.bfloat16
     return None
+
+
+def autocast(precision: str, device: torch.device | str):
+    """The forward's autocast context for `precision` on `device` (disabled for fp32)."""
+    import torch
+
+    dtype = autocast_dtype(precision, device)
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)

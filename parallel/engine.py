@@ -27,7 +27,7 @@ from torch import nn
 
 from common.job_config import ParallelConfig
 from common.parallel_plan import ParallelPlan
-from common.precision import autocast_dtype
+from common.precision import autocast
 from parallel import checkpoint_format as fmt
 from parallel.collectives import all_reduce, all_reduce_packed, data_parallel_group, model_parallel_group
 from parallel.collectives import context_parallel_group, data_context_parallel_group, pipeline_group
@@ -176,10 +176,7 @@ class TorchEngine:
     def _forward(self, mb) -> torch.Tensor:
         if self.topo.cp > 1:  # this rank's tokens of the micro-batch's sequence
             set_sequence(self.model, mb.static.length, self.topo.cp, self.topo.cp_rank)
-        dtype = autocast_dtype(self.tcfg.precision, self.device)
-        if dtype is None:
-            return self.model(*mb.model_args())
-        with torch.autocast(self.device.type, dtype=dtype):
+        with autocast(self.tcfg.precision, self.device):
             return self.model(*mb.model_args())
 
     def forward_backward(self, groups: list[tuple[list, Objective]]) -> tuple[torch.Tensor, list[torch.Tensor]]:

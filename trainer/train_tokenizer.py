@@ -41,7 +41,7 @@ from models.tokenizer import TokenizerOutput, VideoTokenizer
 from models.tokenizer_losses import TokenizerObjective
 from common.config import Config, TokenizerTrainConfig, config_arg_parser, config_from_args, save_config
 from common.metrics import MetricSinks, psnr
-from common.precision import autocast_dtype
+from common.precision import autocast
 from parallel.optim import param_groups, warmup_cosine
 from data_pipeline.tokenizer_ckpt import save_tokenizer
 from trainer.tokenizer_eval import tokenizer_quality
@@ -70,8 +70,7 @@ def train_step(model: VideoTokenizer, gan: TokenizerGan, opt: torch.optim.Optimi
                t: TokenizerTrainConfig) -> dict[str, float]:
     """One tokenizer step (then, once the GAN is on, one discriminator step); the logged parts. With a bf16
     `tokenizer_train.precision` the encoder and decoder run under autocast (the quantizer and losses in fp32)."""
-    dtype = autocast_dtype(t.precision, x.device)
-    with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+    with autocast(t.precision, x.device):
         out = model(x)
     loss, parts = gan.generator_loss(out, x, step)
     opt.zero_grad(set_to_none=True)
