@@ -39,8 +39,11 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
 
 
 def autocast(precision: str, device: torch.device | str):
-    """The forward's autocast context for `precision` on `device` (disabled for fp32)."""
+    """The forward's autocast context for `precision` on `device`; for fp32 no autocast at all (torch.autocast,
+    even disabled, rejects devices such as `meta`)."""
+    import contextlib
+
     import torch
 
     dtype = autocast_dtype(precision, device)
-    return torch.autocast(torch.device(device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
