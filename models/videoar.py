@@ -92,9 +92,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rotation: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         b, n, _ = x.shape
-        qkv = self.qkv(x).view(b, n, -1, 3, self.head_dim)
-        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # (B, H, N, hd)
-        q, k = apply_rope(self.q_norm(q), rotation), apply_rope(self.k_norm(k), rotation)
+        q, k, v = self.qkv(x).view(b, n, -1, 3, self.head_dim).transpose(1, 2).unbind(3)  # (B, H, N, hd)
+        # QK-norm and RoPE in fp32 (RoPE computes in fp32 anyway; RMSNorm's fused kernel needs input dtype =
+        # weight dtype): under bf16 autocast q and k stay fp32 up to the attention kernel
+        q, k = apply_rope(self.q_norm(q.float()), rotation), apply_rope(self.k_norm(k.float()), rotation)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         out = self.attend(q, k, v, mask)
@@ -105,9 +106,10 @@ class Attention(nn.Module):
         Context parallelism (parallel/cp.py) wraps it per instance with its all-to-all re-layout. Under bf16
         autocast on a CPU it runs in fp32: the CPU flash kernel's bf16 backward is slower than its fp32 one (demo
         full-stage step: 0.240 s with bf16 attention, 0.207 s with fp32 attention and bf16 GEMMs, 0.236 s all fp32)."""
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             with torch.autocast("cpu", enabled=False):
-                return _attend(q.float(), k.float(), v.float(), mask, self.sparse_kernel).to(torch.bfloat16)
+                out = _attend(q.float(), k.float(), v.float(), mask, self.sparse_kernel)
+            return out.to(torch.get_autocast_dtype("cpu"))
         return _attend(q, k, v, mask, self.sparse_kernel)
 
 

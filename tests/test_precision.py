@@ -46,6 +46,20 @@ def test_cpu_attention_under_bf16_autocast_runs_in_fp32():
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
 
 
+def test_qk_norm_and_rope_get_fp32_under_bf16_autocast():
+    """q and k reach QK-norm in fp32 (RMSNorm's fused kernel needs input dtype = weight dtype; bf16 input fell
+    back to the unfused one with a warning) and the block output is the autocast dtype."""
+    attn = Attention(VideoARConfig(preset="custom", depth=1, width=64, heads=2))
+    seen = []
+    for norm in (attn.q_norm, attn.k_norm):
+        norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    x = torch.randn(2, 10, 64, generator=torch.Generator().manual_seed(0))
+    rotation = torch.zeros(10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x, rotation, torch.ones(10, 10, dtype=torch.bool))
+    assert seen == [torch.float32, torch.float32] and out.dtype == torch.bfloat16
+
+
 def _tokenizer_step(precision: str, clips_dir) -> tuple[dict, VideoTokenizer, torch.Tensor]:
     from tests.conftest import TINY
     from tests.test_tokenizer import real_clip
