@@ -134,6 +134,10 @@ class TokenizerTrainConfig:
     # fp32 | bf16 | auto (bf16 where it is fast: CUDA, a CPU with AMX; common/precision.py): autocast of the encoder
     # and decoder convs; the quantizer and the losses stay fp32
     precision: str = "fp32"
+    # nested scale dropout: the probability that a clip of a step is decoded from a random proper prefix of the
+    # scales (first k of K, k uniform in 1..K-1) and that coarse reconstruction is what its loss sees, so the coarse
+    # scales learn to place what matters (a small object) instead of leaving it to the finest ones; 0 = off
+    scale_dropout: float = 0.0
     # Inflation (DESIGN §3.1): a 2D image tokenizer checkpoint dir (tokenizer.time_kernel=1,
     # tokenizer.temporal_compression=1, otherwise the same tokenizer/quantizer) loaded into the 3D one before step 1;
     # "" = train from scratch
@@ -160,6 +164,7 @@ class TokenizerTrainConfig:
         check_choice(f"{p}.perceptual_distance", self.perceptual_distance, ("l2", "l1"))
         check_choice(f"{p}.init_mode", self.init_mode, ("zero", "random"))  # models/tokenizer.py inflate_from_2d
         check_choice(f"{p}.precision", self.precision, PRECISIONS)
+        check(0 <= self.scale_dropout < 1, f"{p}.scale_dropout", f"must be in [0, 1), got {self.scale_dropout}")
 
 
 @dataclass

@@ -143,14 +143,18 @@ class MultiScaleBitwiseQuantizer(nn.Module):
         return u > 0, u
 
     # -- encode / decode (the training and sampling inputs are built in models/sequence_inputs.py) -------------
-    def forward(self, f: torch.Tensor) -> QuantizerOutput:
-        """Quantize frames f (N, d, h, w) over all scales, with straight-through gradients and aux losses."""
+    def forward(self, f: torch.Tensor, keep: torch.Tensor | None = None) -> QuantizerOutput:
+        """Quantize frames f (N, d, h, w) over all scales, with straight-through gradients and aux losses.
+        `keep` (N,) scale counts: item i's `quantized` is its reconstruction from its first keep[i] scales (nested
+        scale dropout in tokenizer training); the bits and aux losses still cover every scale."""
         self._check_grid(f)
         acc = torch.zeros_like(f)
-        bits_all, entropy = [], f.new_zeros(())
+        bits_all, entropy, prefix = [], f.new_zeros(()), None
         for k in range(self.num_scales):
             bits, u = self.quantize_scale(f - acc.detach(), k)
             acc = self.add_scale(acc, bits, k)
+            if keep is not None:
+                prefix = acc if prefix is None else torch.where((keep > k).view(-1, 1, 1, 1), acc, prefix)
             bits_all.append(bits)
             prob = torch.sigmoid(u * math.sqrt(self.dim) * (2.0 / self.cfg.entropy_temperature))
             per_token = _binary_entropy(prob).mean()
@@ -159,7 +163,7 @@ class MultiScaleBitwiseQuantizer(nn.Module):
         # commitment pulls the encoder to its codes; the second term fits learned gains to the latent (with fixed
         # codes it carries no gradient)
         commit = F.mse_loss(f, acc.detach()) + F.mse_loss(acc, f.detach())
-        quantized = acc + (f - f.detach())
+        quantized = (acc if prefix is None else prefix) + (f - f.detach())
         return QuantizerOutput(quantized, bits_all, commit, entropy / self.num_scales)
 
     @torch.no_grad()

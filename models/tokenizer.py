@@ -125,12 +125,19 @@ class VideoTokenizer(nn.Module):
         bt, d, h, w = z.shape
         return z.reshape(batch, bt // batch, d, h, w).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> TokenizerOutput:
+    def forward(self, x: torch.Tensor, scale_dropout: float = 0.0) -> TokenizerOutput:
         """Under autocast (bf16 training) the encoder and decoder convs run in bf16; the quantizer's residual sums,
-        bit decisions and aux losses, and the returned tensors, stay fp32."""
+        bit decisions and aux losses, and the returned tensors, stay fp32. `scale_dropout` > 0: each clip, with
+        that probability, is decoded from its first k scales only (k uniform in 1..K-1, every latent frame alike;
+        `tokenizer_train.scale_dropout`), so that the coarse scales learn to carry what matters most."""
         latent = self.encode_latent(x).float()
+        keep = None
+        if scale_dropout > 0 and self.quantizer.num_scales > 1:
+            b, n, k_all = x.shape[0], latent.shape[2], self.quantizer.num_scales
+            short = torch.randint(1, k_all, (b,), device=x.device)
+            keep = torch.where(torch.rand(b, device=x.device) < scale_dropout, short, k_all).repeat_interleave(n)
         with torch.autocast(x.device.type, enabled=False):
-            quant = self.quantizer(self.frames_to_batch(latent))
+            quant = self.quantizer(self.frames_to_batch(latent), keep)
         recon = self.decode_latent(self.batch_to_frames(quant.quantized, x.shape[0])).float()
         return TokenizerOutput(recon, latent, quant)
 

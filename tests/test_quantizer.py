@@ -110,3 +110,50 @@ def test_learned_gains_are_keyed_by_side_and_every_stage_schedule_reconstructs(l
     with pytest.raises(ValueError, match=r"scale sides \[\(3, 3\)\] have no learned gain"):
         q.for_sizes([(1, 1), (3, 3)])
     assert fixed.for_sizes([(1, 1), (3, 3)]).gain(1) == 1.0  # fixed codes work on any schedule
+
+
+@pytest.mark.parametrize("gain", ["fixed", "learned"])
+def test_scale_dropout_decodes_each_item_from_its_own_prefix(latents, gain):
+    """`keep` changes only what `quantized` holds: item i is its reconstruction from its first keep[i] scales
+    (what `decode` gives for those bits); bits and aux losses are those of all scales."""
+    f = latents[1][:3]
+    q = MultiScaleBitwiseQuantizer(f.shape[1], QuantizerConfig(scales=[1, 2, 4, 8], gain=gain))
+    keep = torch.tensor([1, 4, 2])
+    full, dropped = q(f), q(f, keep)
+    assert all(torch.equal(a, b) for a, b in zip(full.bits, dropped.bits))
+    assert torch.equal(full.commit_loss, dropped.commit_loss) and torch.equal(full.entropy_loss, dropped.entropy_loss)
+    for i, k in enumerate(keep.tolist()):
+        torch.testing.assert_close(dropped.quantized[i], q.decode([b[i:i + 1] for b in full.bits], k)[0])
+    torch.testing.assert_close(dropped.quantized[1], full.quantized[1])
+    assert not torch.allclose(dropped.quantized[0], full.quantized[0])
+
+
+def test_tokenizer_scale_dropout_is_off_by_default_and_draws_per_clip():
+    """scale_dropout=0 draws no random numbers (runs without it are unchanged); near 1 every clip is decoded from
+    a proper prefix, the same k for all its latent frames."""
+    torch.manual_seed(0)
+    model = VideoTokenizer(TokenizerConfig(latent_dim=8, base_channels=8, channel_mult=[1, 2], spatial_compression=4,
+                                           num_res_blocks=1),
+                           QuantizerConfig(scales=[1, 2, 4, 8]))
+    x = torch.rand(2, 3, 5, 32, 32) * 2 - 1
+    torch.manual_seed(1)
+    plain = model(x)
+    after_plain = torch.rand(1)
+    torch.manual_seed(1)
+    assert torch.equal(model(x, 0.0).recon, plain.recon) and torch.equal(torch.rand(1), after_plain)
+    dropped = model(x, 0.999)
+    bits = plain.quant.bits
+    for b in range(2):
+        frames = slice(b * 2, b * 2 + 2)  # 5 frames -> 2 latent frames per clip
+        ks = [k for k in range(1, 4) if torch.allclose(
+            dropped.recon[b], model.decode_bits([s[frames] for s in bits], 1, k)[0], atol=1e-5)]
+        assert len(ks) == 1, ks
+
+
+def test_scale_dropout_config_is_checked():
+    from common.config import load_config
+    from common.validation import ConfigError
+
+    assert load_config(None, ["tokenizer_train.scale_dropout=0.25"]).tokenizer_train.scale_dropout == 0.25
+    with pytest.raises(ConfigError, match="tokenizer_train.scale_dropout"):
+        load_config(None, ["tokenizer_train.scale_dropout=1.0"])

@@ -71,7 +71,7 @@ def train_step(model: VideoTokenizer, gan: TokenizerGan, opt: torch.optim.Optimi
     """One tokenizer step (then, once the GAN is on, one discriminator step); the logged parts. With a bf16
     `tokenizer_train.precision` the encoder and decoder run under autocast (the quantizer and losses in fp32)."""
     with autocast(t.precision, x.device):
-        out = model(x)
+        out = model(x, t.scale_dropout)
     loss, parts = gan.generator_loss(out, x, step)
     opt.zero_grad(set_to_none=True)
     loss.backward()
