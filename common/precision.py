@@ -7,6 +7,7 @@ VideoAR full-stage step 0.236 -> 0.207 s). Elsewhere bf16 is emulated and slower
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the config classes import this module; loading a config needs no torch
@@ -41,8 +42,6 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
 def autocast(precision: str, device: torch.device | str):
     """The forward's autocast context for `precision` on `device`; for fp32 no autocast at all (torch.autocast,
     even disabled, rejects devices such as `meta`)."""
-    import contextlib
-
     import torch
 
     dtype = autocast_dtype(precision, device)
