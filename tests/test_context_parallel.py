@@ -123,14 +123,15 @@ def _cp_train_and_resume(rank, world, clips_dir, tokenizer_ckpt, run_dir, cp, tp
 def test_cp_training_equals_one_process_and_resumes(world, cp, tp, zero, attention, clips_dir, tokenizer_ckpt,
                                                     tmp_path):
     """cp = 2, cp = 2 x dp = 2 (block-sparse attention), cp = 2 x tp = 2 and cp = 2 x dp = 2 under DeepSpeed
-    ZeRO-2 (partitions and reductions over dp x cp) each train the single-process run: 5 losses and every weight
-    (relative 1e-5) with a resume at step 3 (checkpoints written and read under the cp layout), held-out losses
+    ZeRO-2 (partitions and reductions over dp x cp) each train the single-process run: 5 losses (relative 1e-5) and
+    every weight's update (1e-3 of it) with a resume at step 3 (checkpoints written and read under the cp layout), held-out losses
     at step 5 equal too. Frame mask, window and error correction on; 4 heads, so
     that heads / tp split over cp."""
     from tests.conftest import steps_logged
     from tests.test_parallel import last_eval, merge
     from trainer.train_videoar import VideoARTrainer
     ref = VideoARTrainer(_cp_cfg(clips_dir, tokenizer_ckpt, tmp_path / "single"), progress=False)
+    init = {name: value.detach().clone() for name, value in ref.model.state_dict().items()}
     ref_losses = ref.train().losses
     run_local(world, _cp_train_and_resume, clips_dir, tokenizer_ckpt, tmp_path / "run", cp, tp, zero, attention,
               tmp_path)
@@ -143,7 +144,13 @@ def test_cp_training_equals_one_process_and_resumes(world, cp, tp, zero, attenti
     assert sorted(r["cp_rank"] for r in results) == sorted(list(range(cp)) * (world // cp))
     for r in results:
         assert r["start"] == 3 and r["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    # Every weight's training update equals the single run's within 1e-3 of that update. Not 1e-5 of the weight:
+    # cp computes attention over chunks, so logits differ at ~1e-7, and where a bit's gradient nearly cancels over
+    # the batch AdamW normalises that residue to a full step: measured (2026-12-05 clips) 2.8e-6 on two of
+    # head.bias's 16 elements (4.6e-4 of its update; the others within 1e-9), while micro-batching or flex vs sdpa
+    # attention in one process stay within 1.2e-5 of every update. A cp error moves updates by O(1).
     for cp_rank in range(cp):  # every cp rank holds the whole (tp-split) model
         full = merge([r for r in results if r["cp_rank"] == cp_rank])
         for name, value in ref.model.state_dict().items():
-            assert ((full[name] - value).norm() / value.norm().clamp_min(1e-12)).item() <= 1e-5, name
+            moved = (value - init[name]).norm()
+            assert (full[name] - value).norm() <= 1e-3 * moved + 1e-7 * value.norm(), name
