@@ -124,9 +124,9 @@ def test_cp_training_equals_one_process_and_resumes(world, cp, tp, zero, attenti
                                                     tmp_path):
     """cp = 2, cp = 2 x dp = 2 (block-sparse attention), cp = 2 x tp = 2 and cp = 2 x dp = 2 under DeepSpeed
     ZeRO-2 (partitions and reductions over dp x cp) each train the single-process run: 5 losses (relative 1e-5) and
-    every weight's update (1e-3 of it) with a resume at step 3 (checkpoints written and read under the cp layout), held-out losses
-    at step 5 equal too. Frame mask, window and error correction on; 4 heads, so
-    that heads / tp split over cp."""
+    every weight's update (1e-3 of it) with a resume at step 3 (checkpoints written and read under the cp layout),
+    held-out losses at step 5 equal too. Frame mask, window and error correction on; 4 heads, so that heads / tp
+    split over cp."""
     from tests.conftest import steps_logged
     from tests.test_parallel import last_eval, merge
     from trainer.train_videoar import VideoARTrainer
