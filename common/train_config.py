@@ -190,6 +190,9 @@ class VideoARTrainConfig:
     # demo; models/objective.py scale_loss_weights). 1 = off.
     motion_loss_weight: float = 1.0
     motion_loss_scales: int = 2
+    # Weight of scales 0..motion_loss_scales of the first latent frame, where a text-to-video sample decides with no
+    # history whether and where its object is. 1 = off.
+    first_frame_loss_weight: float = 1.0
     log_every: int = 10
     ckpt_every: int = 100  # also at every stage switch and at the end
     keep_last: int = 3  # committed checkpoints kept
@@ -218,6 +221,8 @@ class VideoARTrainConfig:
         check_choice(f"{p}.scale_loss_weight", self.scale_loss_weight, SCALE_LOSS_WEIGHTS)
         check(self.motion_loss_weight > 0 and self.motion_loss_scales >= 1, f"{p}.motion_loss_weight/_scales",
               f"need weight > 0 and scales >= 1, got {self.motion_loss_weight}, {self.motion_loss_scales}")
+        check(self.first_frame_loss_weight > 0, f"{p}.first_frame_loss_weight",
+              f"must be > 0, got {self.first_frame_loss_weight}")
         check(0 <= self.flip_p_min <= 1 and self.flip_delta >= 0, f"{p}.flip_p_min/flip_delta",
               "need p_min in [0, 1] and delta >= 0")
 

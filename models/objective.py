@@ -95,17 +95,18 @@ def prepare_batch(quantizer: MultiScaleBitwiseQuantizer, layout: SequenceLayout,
 
 
 @lru_cache(maxsize=32)  # one per curriculum stage shape; read-only
-def scale_loss_weights(layout: SequenceLayout, mode: str, motion_weight: float = 1.0, motion_scales: int = 2
-                       ) -> torch.Tensor | None:
+def scale_loss_weights(layout: SequenceLayout, mode: str, motion_weight: float = 1.0, motion_scales: int = 2,
+                       first_weight: float = 1.0) -> torch.Tensor | None:
     """Per video token, the weight of its loss (DESIGN §3.5, optional per-scale reweighting), or None for a plain
     mean. `sqrt_area` is Infinity's `reweight_loss_by_scale`: a token of scale k weighs sqrt(H*W / (h_k*w_k)), so
     the few coarse tokens that set a frame's layout count for more. `motion_weight` (videoar_train.motion_loss_weight)
     multiplies the weight of scales 1..`motion_scales` of every frame after the first: the few tokens where a
     frame's motion is decided (its 1x1 scale is the previous frame's mean; finer scales follow the coarse ones).
-    Normalized to mean 1, so the loss keeps its scale (ln 2 for an untrained head)."""
+    `first_weight` (videoar_train.first_frame_loss_weight) multiplies scales 0..`motion_scales` of the first frame:
+    where a text-to-video sample's layout (is the object there, where) is decided with no history. Normalized to mean 1, so the loss keeps its scale (ln 2 for an untrained head)."""
     if mode not in SCALE_LOSS_WEIGHTS:
         raise ValueError(f"videoar_train.scale_loss_weight: {mode!r} is not one of {list(SCALE_LOSS_WEIGHTS)}")
-    if mode == "none" and motion_weight == 1.0:
+    if mode == "none" and motion_weight == 1.0 and first_weight == 1.0:
         return None
     H, W = layout.sizes[-1]
     per_scale = torch.tensor([math.sqrt(H * W / (h * w)) if mode == "sqrt_area" else 1.0 for h, w in layout.sizes],
@@ -113,6 +114,7 @@ def scale_loss_weights(layout: SequenceLayout, mode: str, motion_weight: float =
     frame_ids, scale_ids = (ids[layout.prefix_len:] for ids in layout.token_ids())
     w = per_scale[scale_ids]
     w[(frame_ids >= 1) & (scale_ids >= 1) & (scale_ids <= motion_scales)] *= motion_weight
+    w[(frame_ids == 0) & (scale_ids <= motion_scales)] *= first_weight
     return (w / w.mean()).float()
 
 

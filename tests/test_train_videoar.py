@@ -85,6 +85,10 @@ def test_scale_loss_weights_and_the_weighted_bit_loss():
     raw = torch.tensor(per_frame + [4.0] + [6.0] * 4 + [3.0] * 16)  # frame 1: scales 1 and 2 tripled
     assert torch.allclose(both, raw * 42 / raw.sum())
     assert scale_loss_weights(layout, "none", 1.0, 2) is None
+    # first-frame weight: scales 0..motion_scales of frame 0 only
+    f = scale_loss_weights(layout, "none", 1.0, 1, 4.0)
+    raw = torch.tensor([4.0] * 5 + [1.0] * 16 + [1.0] * 21)  # frame 0's 1x1 and 2x2 scales x4
+    assert torch.allclose(f, raw * 42 / raw.sum())
 
 
 def test_motion_loss_weight_reaches_the_objective(clips_dir, tokenizer_ckpt, tmp_path, monkeypatch):
@@ -96,18 +100,20 @@ def test_motion_loss_weight_reaches_the_objective(clips_dir, tokenizer_ckpt, tmp
     real = tv.scale_loss_weights
     monkeypatch.setattr(tv, "scale_loss_weights", lambda *a: seen.append(a[1:]) or real(*a))
     cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path, TWO_STAGES, "videoar_train.motion_loss_weight=4",
-                   "videoar_train.motion_loss_scales=1")
+                   "videoar_train.motion_loss_scales=1", "videoar_train.first_frame_loss_weight=3")
     train_videoar(cfg, progress=False, max_steps=1)
-    assert seen and set(seen) == {("none", 4.0, 1)}
+    assert seen and set(seen) == {("none", 4.0, 1, 3.0)}
     with pytest.raises(ConfigError, match="motion_loss_weight"):
         make_cfg(clips_dir, tokenizer_ckpt, tmp_path, TWO_STAGES, "videoar_train.motion_loss_weight=0")
+    with pytest.raises(ConfigError, match="first_frame_loss_weight"):
+        make_cfg(clips_dir, tokenizer_ckpt, tmp_path, TWO_STAGES, "videoar_train.first_frame_loss_weight=-1")
     # a stage's own weight wins over videoar_train's: stage "low" (steps 1-3) 6, stage "high" the global 4
     seen.clear()
     cfg = make_cfg(clips_dir, tokenizer_ckpt, tmp_path / "staged", TWO_STAGES, "videoar_train.motion_loss_weight=4",
                    "curriculum.0.motion_loss_weight=6")
     train_videoar(cfg, progress=False, max_steps=4)
-    assert set(seen) == {("none", 6.0, 2), ("none", 4.0, 2)} and seen[0] == ("none", 6.0, 2) \
-        and seen[-1] == ("none", 4.0, 2)
+    assert set(seen) == {("none", 6.0, 2, 1.0), ("none", 4.0, 2, 1.0)} and seen[0] == ("none", 6.0, 2, 1.0) \
+        and seen[-1] == ("none", 4.0, 2, 1.0)
     with pytest.raises(ConfigError, match=r"curriculum\[low\].motion_loss_weight"):
         make_cfg(clips_dir, tokenizer_ckpt, tmp_path, TWO_STAGES, "curriculum.0.motion_loss_weight=-1")
 

@@ -159,7 +159,8 @@ class VideoARTrainer:
             micro = prepare_batch(q, layout, batch.latents.to(self.device), batch.cond.to(self.device), part,
                                   self.cfg.videoar.cond_drop, p_max, t.flip_p_min, t.flip_delta, gens, t.flip_inherit)
             out.append((micro, BitObjective(layout.length - layout.prefix_len,
-                                            scale_loss_weights(layout, t.scale_loss_weight, motion, t.motion_loss_scales)),
+                                            scale_loss_weights(layout, t.scale_loss_weight, motion, t.motion_loss_scales,
+                                                               t.first_frame_loss_weight)),
                         layout))
         return out
 
