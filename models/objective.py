@@ -103,7 +103,8 @@ def scale_loss_weights(layout: SequenceLayout, mode: str, motion_weight: float =
     multiplies the weight of scales 1..`motion_scales` of every frame after the first: the few tokens where a
     frame's motion is decided (its 1x1 scale is the previous frame's mean; finer scales follow the coarse ones).
     `first_weight` (videoar_train.first_frame_loss_weight) multiplies scales 0..`motion_scales` of the first frame:
-    where a text-to-video sample's layout (is the object there, where) is decided with no history. Normalized to mean 1, so the loss keeps its scale (ln 2 for an untrained head)."""
+    where a text-to-video sample's layout (is the object there, where) is decided with no history. Normalized to
+    mean 1, so the loss keeps its scale (ln 2 for an untrained head)."""
     if mode not in SCALE_LOSS_WEIGHTS:
         raise ValueError(f"videoar_train.scale_loss_weight: {mode!r} is not one of {list(SCALE_LOSS_WEIGHTS)}")
     if mode == "none" and motion_weight == 1.0 and first_weight == 1.0:
